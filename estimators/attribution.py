@@ -1,0 +1,347 @@
+"""Where a measured joule is counted: per device, each sample interval is split over the requests
+that were in flight on it.
+
+Pure: no clock, no I/O. The sampler feeds it interval energies; the proxy feeds it request starts,
+first bytes, streamed tokens and ends. The invariant, per device, at every moment:
+
+    measured_j == attributed_j + idle_j + no_requests_j      (to float rounding)
+
+Weighting ``time`` splits an interval by overlap seconds. Weighting ``work`` splits it by each
+request's estimated energy *in that interval*: prefill (prompt tokens spread over start ->
+first byte), decode (tokens streamed in the interval) and, for requests without a token stream,
+their expected energy spread over their elapsed life. The estimator only sets the proportions;
+the meter sets the total.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+#: The smallest span (s) used as a denominator, so a request that starts and ends on the same
+#: clock tick still gets its share.
+MIN_SPAN_S = 1e-6
+
+
+class Weighting(enum.StrEnum):
+    WORK = "work"
+    TIME = "time"
+
+
+class IdlePolicy(enum.StrEnum):
+    EXCLUDE = "exclude"  # idle watts are reported as unattributed ``idle``, not charged
+    INCLUDE = "include"  # idle watts are charged to whoever is in flight
+
+
+class Reason(enum.StrEnum):
+    IDLE = "idle"
+    NO_REQUESTS = "no_requests"
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalSplit:
+    """How one interval's energy on one device was divided."""
+
+    attributed_j: dict[str, float]
+    idle_j: float = 0.0
+    no_requests_j: float = 0.0
+
+    @property
+    def unattributed_j(self) -> float:
+        return self.idle_j + self.no_requests_j
+
+
+def split_interval(
+    energy_j: float,
+    duration_s: float,
+    weights: Mapping[str, float],
+    idle_power_w: float = 0.0,
+    idle: IdlePolicy = IdlePolicy.EXCLUDE,
+) -> IntervalSplit:
+    """Divide ``energy_j`` drawn over ``duration_s`` among ``weights`` (request id -> weight).
+
+    With no request in flight everything is ``no_requests``. Under ``exclude`` the idle share
+    (``idle_power_w * duration_s``, capped at the energy) is unattributed ``idle``. The rest goes
+    by weight; zero or negative weights everywhere fall back to an even split.
+    """
+    energy_j = max(0.0, energy_j)
+    if not weights:
+        return IntervalSplit({}, no_requests_j=energy_j)
+    idle_j = 0.0
+    if idle is IdlePolicy.EXCLUDE:
+        idle_j = min(energy_j, max(0.0, idle_power_w) * max(0.0, duration_s))
+    rest_j = energy_j - idle_j
+    positive = {rid: w for rid, w in weights.items() if w > 0.0}
+    total_w = sum(positive.values())
+    if total_w <= 0.0:
+        even = rest_j / len(weights)
+        return IntervalSplit(dict.fromkeys(weights, even), idle_j=idle_j)
+    return IntervalSplit({rid: rest_j * w / total_w for rid, w in positive.items()}, idle_j=idle_j)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkProfile:
+    """The estimator's relative costs for one request (joules; only proportions matter).
+
+    Args:
+        prompt_tokens: prompt size, estimated at start and corrected when usage arrives.
+        prefill_j_per_token: estimated joules per prompt token.
+        decode_j_per_token: estimated joules per generated token.
+        expected_j: the whole request's estimate, used when it streams no tokens.
+        token_stream: whether generated tokens will be reported as they stream.
+    """
+
+    prompt_tokens: float = 0.0
+    prefill_j_per_token: float = 0.1
+    decode_j_per_token: float = 1.0
+    expected_j: float = 1.0
+    token_stream: bool = False
+
+
+@dataclass(slots=True)
+class Flight:
+    """A request's state inside the engine."""
+
+    request_id: str
+    devices: tuple[str, ...]
+    start_s: float
+    profile: WorkProfile
+    first_byte_s: float | None = None
+    end_s: float | None = None
+    decoded_tokens: float = 0.0
+    energy_j: float = 0.0
+    co2e_g: float = 0.0
+    # per device: decoded tokens already weighed, and whether that device has covered the end
+    _tokens_weighed: dict[str, float] = field(default_factory=dict)
+    _open_on: set[str] = field(default_factory=set)
+    gaps: int = 0  # intervals on its devices that could not be measured
+
+    @property
+    def final(self) -> bool:
+        return self.end_s is not None and not self._open_on
+
+
+@dataclass(slots=True)
+class DeviceTotals:
+    measured_j: float = 0.0
+    attributed_j: float = 0.0
+    idle_j: float = 0.0
+    no_requests_j: float = 0.0
+    last_sample_s: float | None = None
+    idle_power_w: float | None = None  # learned from quiet intervals under ``idle_watts: auto``
+    min_power_w: float | None = None
+
+    @property
+    def unattributed_j(self) -> float:
+        return self.idle_j + self.no_requests_j
+
+
+@dataclass(frozen=True, slots=True)
+class SampleOutcome:
+    """What one device sample changed, for metrics."""
+
+    device: str
+    energy_j: float
+    split: IntervalSplit
+
+
+#: Weight of a quiet interval in the learned idle power (exponential moving average).
+IDLE_EMA_ALPHA = 0.2
+
+
+class AttributionEngine:
+    """Per-device interval attribution with provisional and final per-request figures.
+
+    Args:
+        weighting: ``work`` or ``time``.
+        idle: the idle policy.
+        idle_power_w: a fixed idle power per device, or ``None`` to learn it from quiet
+            intervals (until one is seen, the lowest power observed stands in).
+    """
+
+    def __init__(
+        self,
+        weighting: Weighting = Weighting.WORK,
+        idle: IdlePolicy = IdlePolicy.EXCLUDE,
+        idle_power_w: float | None = None,
+    ) -> None:
+        self.weighting = weighting
+        self.idle = idle
+        self.fixed_idle_power_w = idle_power_w
+        self.devices: dict[str, DeviceTotals] = {}
+        self._flights: dict[str, Flight] = {}
+        self._on_device: dict[str, dict[str, Flight]] = {}
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def start(
+        self, request_id: str, devices: Iterable[str], t_s: float, profile: WorkProfile
+    ) -> Flight:
+        devs = tuple(dict.fromkeys(devices))
+        flight = Flight(request_id, devs, t_s, profile)
+        flight._open_on = set(devs)
+        self._flights[request_id] = flight
+        for device in devs:
+            self._on_device.setdefault(device, {})[request_id] = flight
+            self.devices.setdefault(device, DeviceTotals())
+        return flight
+
+    def first_byte(self, request_id: str, t_s: float) -> None:
+        flight = self._flights.get(request_id)
+        if flight is not None and flight.first_byte_s is None:
+            flight.first_byte_s = t_s
+
+    def tokens(self, request_id: str, count: float) -> None:
+        flight = self._flights.get(request_id)
+        if flight is not None:
+            flight.decoded_tokens += count
+
+    def set_prompt_tokens(self, request_id: str, prompt_tokens: float) -> None:
+        flight = self._flights.get(request_id)
+        if flight is not None:
+            p = flight.profile
+            flight.profile = WorkProfile(
+                prompt_tokens, p.prefill_j_per_token, p.decode_j_per_token, p.expected_j,
+                p.token_stream,
+            )  # fmt: skip
+
+    def end(self, request_id: str, t_s: float) -> Flight | None:
+        """Mark the end; the flight stays until every device has sampled past ``t_s``."""
+        flight = self._flights.get(request_id)
+        if flight is None:
+            return None
+        flight.end_s = max(t_s, flight.start_s)
+        if flight.first_byte_s is None:
+            flight.first_byte_s = flight.end_s
+        if not flight._open_on:
+            self._flights.pop(request_id, None)
+        return flight
+
+    def flight(self, request_id: str) -> Flight | None:
+        return self._flights.get(request_id)
+
+    def in_flight(self, device: str) -> int:
+        return len(self._on_device.get(device, ()))
+
+    # -- samples ----------------------------------------------------------------------------
+
+    def sample(
+        self, device: str, t_s: float, energy_j: float, g_per_j: float = 0.0
+    ) -> tuple[SampleOutcome, list[Flight]]:
+        """Account the energy drawn on ``device`` since its previous sample, ending at ``t_s``.
+
+        ``g_per_j`` converts this interval's joules to grams CO2e (intensity at the time it was
+        drawn, times PUE). Returns the split and the flights that became final.
+        """
+        totals = self.devices.setdefault(device, DeviceTotals())
+        t0 = totals.last_sample_s
+        totals.last_sample_s = t_s if t0 is None else max(t0, t_s)
+        energy_j = max(0.0, energy_j)
+        flights = self._on_device.get(device, {})
+        if t0 is None:
+            # The first sample only sets the clock; energy before it belongs to nobody we saw.
+            split = IntervalSplit({}, no_requests_j=energy_j)
+            self._book(totals, split, energy_j)
+            return SampleOutcome(device, energy_j, split), self._close(device, flights, t_s)
+        duration_s = max(0.0, t_s - t0)
+        weights = self._weights(device, flights, t0, t_s)
+        idle_w = self._idle_power_w(totals, energy_j, duration_s, quiet=not weights)
+        split = split_interval(energy_j, duration_s, weights, idle_w, self.idle)
+        for rid, share_j in split.attributed_j.items():
+            flight = flights[rid]
+            flight.energy_j += share_j
+            flight.co2e_g += share_j * g_per_j
+        self._book(totals, split, energy_j)
+        return SampleOutcome(device, energy_j, split), self._close(device, flights, t_s)
+
+    def gap(self, device: str, t_s: float) -> None:
+        """The device could not be read: requests in flight on it are marked as having a gap."""
+        for flight in self._on_device.get(device, {}).values():
+            flight.gaps += 1
+
+    def drop_device(self, device: str, t_s: float) -> list[Flight]:
+        """Forget a device (meter gone): its flights stop waiting for it."""
+        flights = self._on_device.get(device, {})
+        for flight in flights.values():
+            flight.gaps += 1
+        return self._close(device, flights, float("inf"))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _weights(
+        self, device: str, flights: Mapping[str, Flight], t0: float, t1: float
+    ) -> dict[str, float]:
+        weights: dict[str, float] = {}
+        work = self.weighting is Weighting.WORK
+        for rid, f in flights.items():
+            end = t1 if f.end_s is None else min(t1, f.end_s)
+            overlap = end - max(t0, f.start_s)
+            if overlap <= 0.0 and not (f.start_s == f.end_s and t0 < f.start_s <= t1):
+                continue
+            if not work:
+                weights[rid] = max(overlap, MIN_SPAN_S)
+                continue
+            weights[rid] = self._work(device, f, t0, t1, overlap)
+        if work and weights and sum(weights.values()) <= 0.0:
+            for rid in weights:
+                f = flights[rid]
+                end = t1 if f.end_s is None else min(t1, f.end_s)
+                weights[rid] = max(end - max(t0, f.start_s), MIN_SPAN_S)
+        return weights
+
+    @staticmethod
+    def _work(device: str, f: Flight, t0: float, t1: float, overlap: float) -> float:
+        p = f.profile
+        w = 0.0
+        fb = f.first_byte_s
+        prefill_end = t1 if fb is None else fb
+        prefill_overlap = min(t1, prefill_end) - max(t0, f.start_s)
+        if prefill_overlap > 0.0 or (f.start_s == prefill_end and t0 <= f.start_s <= t1):
+            span = max(prefill_end - f.start_s, MIN_SPAN_S)
+            w += p.prefill_j_per_token * p.prompt_tokens * max(prefill_overlap, MIN_SPAN_S) / span
+        if p.token_stream:
+            weighed = f._tokens_weighed.get(device, 0.0)
+            w += p.decode_j_per_token * (f.decoded_tokens - weighed)
+            f._tokens_weighed[device] = f.decoded_tokens
+        else:
+            life_end = t1 if f.end_s is None else f.end_s
+            span = max(life_end - f.start_s, MIN_SPAN_S)
+            w += p.expected_j * max(overlap, MIN_SPAN_S) / span
+        return w
+
+    def _idle_power_w(
+        self, totals: DeviceTotals, energy_j: float, duration_s: float, quiet: bool
+    ) -> float:
+        if duration_s > 0.0:
+            power_w = energy_j / duration_s
+            if totals.min_power_w is None or power_w < totals.min_power_w:
+                totals.min_power_w = power_w
+            if quiet:
+                prev = totals.idle_power_w
+                totals.idle_power_w = (
+                    power_w if prev is None else prev + IDLE_EMA_ALPHA * (power_w - prev)
+                )
+        if self.fixed_idle_power_w is not None:
+            return self.fixed_idle_power_w
+        if totals.idle_power_w is not None:
+            return totals.idle_power_w
+        return totals.min_power_w or 0.0
+
+    @staticmethod
+    def _book(totals: DeviceTotals, split: IntervalSplit, energy_j: float) -> None:
+        totals.measured_j += energy_j
+        totals.attributed_j += sum(split.attributed_j.values())
+        totals.idle_j += split.idle_j
+        totals.no_requests_j += split.no_requests_j
+
+    def _close(self, device: str, flights: dict[str, Flight], t_s: float) -> list[Flight]:
+        done: list[Flight] = []
+        for rid, f in list(flights.items()):
+            if f.end_s is not None and f.end_s <= t_s:
+                del flights[rid]
+                f._open_on.discard(device)
+                if not f._open_on:
+                    self._flights.pop(rid, None)
+                    done.append(f)
+        return done

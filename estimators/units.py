@@ -1,0 +1,19 @@
+"""Unit conversions, done once where a reading enters or a figure leaves."""
+
+from __future__ import annotations
+
+J_PER_KWH = 3_600_000.0
+J_PER_WH = 3_600.0
+
+
+def kwh_to_j(energy_kwh: float) -> float:
+    return energy_kwh * J_PER_KWH
+
+
+def j_to_kwh(energy_j: float) -> float:
+    return energy_j / J_PER_KWH
+
+
+def co2e_g(energy_j: float, intensity_g_per_kwh: float, pue: float = 1.0) -> float:
+    """Grams CO2e for energy drawn at the accelerator; PUE scales it to the facility first."""
+    return energy_j * pue / J_PER_KWH * intensity_g_per_kwh

@@ -1,0 +1,88 @@
+"""Errors of the HTTP side, each with the status and OpenAI-style type a client sees.
+
+    WattproxyError
+    ├── ConfigError              config file or env invalid (listed with key paths)
+    ├── LedgerError              the ledger backend failed (records go to the spool)
+    └── ProxyError               answered to the client as {"error": {...}}
+        ├── BadRequest           400  invalid_request_error
+        ├── Unauthorized         401  authentication_error
+        ├── Forbidden            403  permission_error
+        ├── NotFound             404  not_found_error
+        ├── PayloadTooLarge      413  invalid_request_error
+        ├── BudgetExceeded       429  carbon_budget_exceeded
+        ├── UpstreamUnavailable  502  upstream_error
+        └── UpstreamTimeout      504  upstream_timeout
+
+aiohttp client errors are mapped to the upstream ones in ``proxy.forward`` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WattproxyError(Exception):
+    """Root of every error raised by the proxy package."""
+
+
+class ConfigError(WattproxyError):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class LedgerError(WattproxyError):
+    """A ledger backend could not read or write."""
+
+
+class ProxyError(WattproxyError):
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"type": self.type, "message": self.message, **self.extra}}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "not_found_error"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class BudgetExceeded(ProxyError):
+    status = 429
+    type = "carbon_budget_exceeded"
+
+
+class UpstreamUnavailable(ProxyError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "upstream_timeout"

@@ -1,0 +1,165 @@
+"""Shared pieces of the usage parsers: the ``Usage`` result, SSE event framing, and a bounded
+non-streaming body collector. Nothing here touches a socket."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+try:  # orjson is optional: it decodes several times faster
+    import orjson
+
+    def parse_json(data: bytes | str) -> Any:
+        return orjson.loads(data)
+
+except ImportError:  # pragma: no cover - exercised only without the extra
+
+    def parse_json(data: bytes | str) -> Any:
+        return json.loads(data)
+
+
+#: The largest single SSE event kept for parsing; a bigger one is forwarded but not inspected.
+MAX_EVENT_BYTES = 1024 * 1024
+#: The largest non-streaming body kept for parsing usage; past it only the tail is searched.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+TAIL_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one request and where they came from.
+
+    ``tokens_source``: ``server`` (reported by the upstream), ``tokenizer`` (counted with the
+    model's tokenizer), ``estimate`` (chunk count or bytes/4), ``none`` (nothing to count).
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_source: str = "none"
+    images: int | None = None
+    audio_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def merge_server(self, prompt: Any, completion: Any) -> None:
+        if isinstance(prompt, int | float) and not isinstance(prompt, bool):
+            self.prompt_tokens = int(prompt)
+            self.tokens_source = "server"
+        if isinstance(completion, int | float) and not isinstance(completion, bool):
+            self.completion_tokens = int(completion)
+            self.tokens_source = "server"
+
+
+class StreamUsage:
+    """Interface of an incremental response parser.
+
+    ``feed`` takes the upstream's bytes and returns what the client gets (usually the same
+    object); ``tokens`` counts generated tokens seen so far (for work weighting); ``finish``
+    returns the usage once the body has ended, possibly early (a disconnect).
+    """
+
+    tokens: int = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def flush(self) -> bytes:
+        """Bytes still held back (an incomplete last event) when the stream ends."""
+        return b""
+
+    def finish(self) -> Usage:
+        return Usage()
+
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class SSEFramer:
+    """Splits a byte stream into complete SSE events (each with its terminator), bounded.
+
+    An event larger than ``max_event_bytes`` is returned as-is in pieces with ``oversize`` set,
+    so nothing is ever buffered without bound.
+    """
+
+    __slots__ = ("_buf", "max_event_bytes", "oversize")
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buf = b""
+        self.max_event_bytes = max_event_bytes
+        self.oversize = False
+
+    def push(self, chunk: bytes) -> Iterator[bytes]:
+        buf = self._buf + chunk if self._buf else chunk
+        start = 0
+        while True:
+            m = _EVENT_END.search(buf, start)
+            if m is None:
+                break
+            yield buf[start : m.end()]
+            start = m.end()
+        rest = buf[start:]
+        if len(rest) > self.max_event_bytes:
+            self.oversize = True
+            self._buf = b""
+            yield rest
+        else:
+            self._buf = rest
+
+    def pending(self) -> bytes:
+        out, self._buf = self._buf, b""
+        return out
+
+
+def sse_data(event: bytes) -> bytes | None:
+    """The joined ``data:`` payload of one event, or ``None`` when it has none."""
+    parts = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts) if parts else None
+
+
+class BodyUsage:
+    """Collects a non-streaming body (bounded) so usage can be parsed once it has ended."""
+
+    __slots__ = ("_chunks", "_size", "_tail", "truncated")
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._tail = b""
+        self.truncated = False
+
+    def feed(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if not self.truncated and self._size <= MAX_BODY_BYTES:
+            self._chunks.append(chunk)
+            return
+        if not self.truncated:
+            self.truncated = True
+            self._tail = b"".join(self._chunks)[-TAIL_BYTES:]
+            self._chunks = []
+        self._tail = (self._tail + chunk)[-TAIL_BYTES:]
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def json(self) -> Any:
+        """The parsed body, ``None`` if it is not JSON; for truncated bodies, a dict holding
+        only the ``usage`` object found in the tail."""
+        if not self.truncated:
+            try:
+                return parse_json(b"".join(self._chunks))
+            except ValueError:
+                return None
+        m = re.search(rb'"usage"\s*:\s*(\{[^{}]*\})', self._tail)
+        if m:
+            try:
+                return {"usage": parse_json(m.group(1))}
+            except ValueError:
+                return None
+        return None
