@@ -61,7 +61,9 @@ def per_inference_j(task: str) -> float:
     return kwh_to_j(KWH_PER_1000[prior_task(task)]) / 1000.0
 
 
-def estimate(task: str, completion_tokens: int | None = None, images: int | None = None) -> PriorEstimate:
+def estimate(
+    task: str, completion_tokens: int | None = None, images: int | None = None
+) -> PriorEstimate:
     """Scale the paper's mean to the request: generated tokens for text generation (the paper
     made 10), images for image generation; other tasks are one inference each."""
     base_task = prior_task(task)

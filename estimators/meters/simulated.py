@@ -1,7 +1,8 @@
 """A deterministic power model standing in for a GPU, for the demo, tests and benchmarks.
 
 Power = idle watts + for each request in flight, the dynamic watts of its task, with seeded
-noise. The load is read from a callback, so the model follows the proxy's real traffic.
+noise. The load (device -> task -> requests in flight) is read from a callback, so the model
+follows the proxy's real traffic.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ DEFAULT_DYNAMIC_W: dict[str, float] = {
 DEFAULT_IDLE_W = 60.0
 MAX_POWER_W = 700.0  # an H100 SXM's board limit: the model never exceeds it
 
-LoadFn = Callable[[], Mapping[str, Sequence[str]]]
+LoadFn = Callable[[], Mapping[str, Mapping[str, int]]]
 
 
 class SimulatedMeter(Meter):
     """Integrates the power model between reads.
 
     Args:
-        load: returns, per device, the task of every request now in flight.
+        load: returns, per device, how many requests of each task are in flight.
         devices: device names (default one device, ``gpu0``).
         idle_w: power with nothing in flight.
         dynamic_w: extra watts per in-flight request, by task.
@@ -73,8 +74,8 @@ class SimulatedMeter(Meter):
     def devices(self) -> list[str]:
         return list(self._devices)
 
-    def power_w(self, tasks: Sequence[str]) -> float:
-        dynamic = sum(self._dynamic_w.get(task, 100.0) for task in tasks)
+    def power_w(self, tasks: Mapping[str, int]) -> float:
+        dynamic = sum(self._dynamic_w.get(task, 100.0) * n for task, n in tasks.items())
         return min(MAX_POWER_W, self._idle_w + dynamic)
 
     def read(self) -> Reading:
@@ -85,7 +86,7 @@ class SimulatedMeter(Meter):
             self._last_t_s = now
             power: dict[str, float] = {}
             for device in self._devices:
-                watts = self.power_w(load.get(device, ()))
+                watts = self.power_w(load.get(device, {}))
                 watts *= max(0.0, 1.0 + self._rng.gauss(0.0, self._noise))
                 power[device] = watts
                 self._energy_j[device] += watts * dt

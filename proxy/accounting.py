@@ -1,0 +1,269 @@
+"""Request records from open to final: the proxy tells it when a request starts, sends its first
+byte, streams tokens and ends; the sampler hands it meter readings. It feeds the attribution
+engine, exports the device and request metrics, and passes each final record to the ledger.
+
+A request is ``measured`` when every interval of its life on its devices was read; it is
+``estimated`` (never zero) when its upstream has no metered device or the meter failed meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from estimators.attribution import AttributionEngine, Flight
+from estimators.estimator import Estimator, RequestShape
+from estimators.meters.base import Reading
+from proxy.metrics import Metrics
+from proxy.records import RequestRecord, utc_iso, utcnow
+from proxy.tasks import OTHER
+from proxy.usage.base import Usage
+
+log = logging.getLogger("wattproxy.accounting")
+
+#: A device unread for this long stops holding back the records of requests that ended on it.
+DOWN_AFTER_S = 5.0
+#: Outcomes where the upstream never got the request: nothing to estimate.
+NOT_SERVED = frozenset(("upstream_unavailable", "payload_too_large"))
+
+
+@dataclass(slots=True)
+class OpenRequest:
+    record: RequestRecord
+    shape: RequestShape
+    devices: tuple[str, ...]
+    t_start_s: float
+    t_first_byte_s: float | None = None
+    ended: bool = False
+
+
+class Accountant:
+    """Tracks every request from start to final record.
+
+    Args:
+        engine: the attribution engine (one for all devices).
+        estimator: estimates and work profiles.
+        metrics: metric families.
+        sink: receives each final record (the ledger writer's ``submit``).
+        meter_devices: devices the meter reads.
+        meter_kind: the meter's kind, for ``wattproxy_meter_up``.
+        g_per_j: grams CO2e per joule now (grid intensity and PUE), never blocking.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        engine: AttributionEngine,
+        estimator: Estimator,
+        metrics: Metrics,
+        sink: Callable[[RequestRecord], None],
+        meter_devices: Iterable[str] = (),
+        meter_kind: str = "none",
+        g_per_j: Callable[[], float] = lambda: 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        down_after_s: float = DOWN_AFTER_S,
+    ) -> None:
+        self.engine = engine
+        self.estimator = estimator
+        self.metrics = metrics
+        self.sink = sink
+        self.meter_devices = list(meter_devices)
+        self.meter_kind = meter_kind
+        self.g_per_j = g_per_j
+        self.clock = clock
+        self.down_after_s = down_after_s
+        self.requests: dict[str, OpenRequest] = {}
+        self._load: dict[str, Counter[str]] = {d: Counter() for d in self.meter_devices}
+        self._last_energy_j: dict[str, float] = {}
+        self._down_since: dict[str, float] = {}
+        self._inflight: Counter[str] = Counter()
+
+    # -- the request side -------------------------------------------------------------------
+
+    def begin(
+        self,
+        record: RequestRecord,
+        devices: Iterable[str] | None,
+        prompt_tokens_est: int | None,
+        stream: bool,
+        max_tokens: int | None = None,
+        images: int | None = None,
+    ) -> OpenRequest:
+        now = self.clock()
+        wanted = self.meter_devices if devices is None else list(devices)
+        metered = tuple(
+            d for d in wanted if d in self._load and d not in self._down_since
+        ) if record.task != OTHER else ()  # fmt: skip
+        shape = RequestShape(
+            upstream=record.upstream, model=record.model, task=record.task,
+            prompt_tokens=prompt_tokens_est, completion_tokens=max_tokens, images=images,
+            concurrency=max(1, self._inflight[record.upstream] + 1),
+        )  # fmt: skip
+        req = OpenRequest(record, shape, metered, now)
+        self.requests[record.request_id] = req
+        if metered:
+            self.engine.start(
+                record.request_id, metered, now, self.estimator.profile(shape, token_stream=stream)
+            )
+            for d in metered:
+                self._load[d][record.task] += 1
+        self._inflight[record.upstream] += 1
+        self.metrics.inflight.labels(record.upstream).inc()
+        return req
+
+    def first_byte(self, req: OpenRequest) -> None:
+        if req.t_first_byte_s is None:
+            now = self.clock()
+            req.t_first_byte_s = now
+            req.record.ttfb_s = now - req.t_start_s
+            if req.devices:
+                self.engine.first_byte(req.record.request_id, now)
+
+    def tokens(self, req: OpenRequest, count: int) -> None:
+        if req.devices and count:
+            self.engine.tokens(req.record.request_id, count)
+
+    def end(self, req: OpenRequest, status: int, usage: Usage, outcome: str = "ok") -> None:
+        """The response is over (or broke off): close the request's timing and wait for the meter."""
+        if req.ended:
+            return
+        req.ended = True
+        now = self.clock()
+        rec = req.record
+        rec.status = status
+        rec.outcome = outcome
+        rec.ended_at = utc_iso(utcnow())
+        rec.duration_s = now - req.t_start_s
+        rec.prompt_tokens = usage.prompt_tokens
+        rec.completion_tokens = usage.completion_tokens
+        rec.tokens_source = usage.tokens_source
+        req.shape = replace(
+            req.shape, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, duration_s=rec.duration_s,
+            images=usage.images if usage.images is not None else req.shape.images,
+        )  # fmt: skip
+        m = self.metrics
+        model = m.model_label(rec.model)
+        m.inflight.labels(rec.upstream).dec()
+        self._inflight[rec.upstream] -= 1
+        if self._inflight[rec.upstream] <= 0:
+            del self._inflight[rec.upstream]
+        m.requests.labels(rec.upstream, model, rec.task, str(status)).inc()
+        m.duration.labels(rec.upstream, rec.task).observe(rec.duration_s)
+        if rec.ttfb_s is not None:
+            m.ttfb.labels(rec.upstream, rec.task).observe(rec.ttfb_s)
+        if usage.prompt_tokens:
+            m.tokens.labels(rec.upstream, model, rec.task, "prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            m.tokens.labels(rec.upstream, model, rec.task, "completion").inc(
+                usage.completion_tokens
+            )
+        if not req.devices:
+            self._finalize(req, None)
+            return
+        if usage.prompt_tokens is not None:
+            self.engine.set_prompt_tokens(rec.request_id, usage.prompt_tokens)
+        for d in req.devices:
+            self._load[d][rec.task] -= 1
+        flight = self.engine.end(rec.request_id, now)
+        if flight is not None and flight.final:
+            self._finalize(req, flight)
+
+    def provisional(self, request_id: str) -> RequestRecord | None:
+        """The record as it stands, with the energy attributed so far (``final`` false)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        rec = replace(req.record, extra=dict(req.record.extra))
+        flight = self.engine.flight(request_id)
+        if flight is not None:
+            rec.energy_j = flight.energy_j
+            rec.co2e_g = flight.co2e_g
+            rec.source = "measured" if flight.gaps == 0 else "estimated"
+        rec.final = False
+        return rec
+
+    def load(self) -> dict[str, dict[str, int]]:
+        """Device -> task -> requests in flight (the simulated meter's input)."""
+        return {d: {t: n for t, n in c.items() if n > 0} for d, c in self._load.items()}
+
+    # -- the meter side ---------------------------------------------------------------------
+
+    def on_reading(self, reading: Reading) -> None:
+        t = reading.timestamp_s
+        g_per_j = self.g_per_j()
+        m = self.metrics
+        for device, total_j in reading.energy_j.items():
+            if device not in self._load:
+                self._load[device] = Counter()
+                self.meter_devices.append(device)
+            self._down_since.pop(device, None)
+            last = self._last_energy_j.get(device)
+            self._last_energy_j[device] = total_j
+            delta_j = 0.0 if last is None or total_j < last else total_j - last
+            outcome, finals = self.engine.sample(device, t, delta_j, g_per_j)
+            m.meter_up.labels(device, self.meter_kind).set(1)
+            if delta_j:
+                m.device_energy.labels(device).inc(delta_j)
+            split = outcome.split
+            attributed = sum(split.attributed_j.values())
+            if attributed:
+                m.attributed_energy.labels(device).inc(attributed)
+            if split.idle_j:
+                m.unattributed_energy.labels(device, "idle").inc(split.idle_j)
+            if split.no_requests_j:
+                m.unattributed_energy.labels(device, "no_requests").inc(split.no_requests_j)
+            power = reading.power_w.get(device)
+            if power is not None:
+                m.device_power.labels(device).set(power)
+            self._finalize_flights(finals)
+        for device, reason in reading.errors.items():
+            m.meter_up.labels(device, self.meter_kind).set(0)
+            since = self._down_since.setdefault(device, t)
+            if since == t:
+                log.warning("meter %s cannot read %s: %s", self.meter_kind, device, reason)
+            self.engine.gap(device, t)
+            if t - since >= self.down_after_s:
+                self._finalize_flights(self.engine.drop_device(device, t))
+
+    def drain(self) -> int:
+        """At shutdown: finalize every request that has ended, with what was measured so far."""
+        ended = [r for r in self.requests.values() if r.ended]
+        for req in ended:
+            flight = self.engine.flight(req.record.request_id)
+            self._finalize(req, flight)
+        return len(ended)
+
+    def _finalize_flights(self, flights: Iterable[Flight]) -> None:
+        for flight in flights:
+            req = self.requests.get(flight.request_id)
+            if req is not None and req.ended:
+                self._finalize(req, flight)
+
+    def _finalize(self, req: OpenRequest, flight: Flight | None) -> None:
+        rec = req.record
+        self.requests.pop(rec.request_id, None)
+        if rec.task == OTHER or (flight is None and rec.outcome in NOT_SERVED):
+            rec.energy_j, rec.co2e_g, rec.source = 0.0, 0.0, "estimated"
+            rec.basis = "no inference" if rec.task == OTHER else "not served upstream"
+        elif flight is not None and flight.gaps == 0:
+            rec.energy_j, rec.co2e_g, rec.source = flight.energy_j, flight.co2e_g, "measured"
+            rec.basis = "measured"
+            self.estimator.observe(req.shape, flight.energy_j)
+        else:
+            estimate = self.estimator.estimate(req.shape)
+            rec.energy_j = estimate.energy_j
+            rec.co2e_g = estimate.energy_j * self.g_per_j()
+            rec.source = "estimated"
+            rec.basis = estimate.basis
+        rec.final = True
+        m = self.metrics
+        labels = m.energy_labels(rec.upstream, rec.model, rec.task, rec.source, rec.user)
+        m.energy.labels(*labels).inc(rec.energy_j)
+        m.co2e.labels(*labels).inc(rec.co2e_g)
+        if rec.task != OTHER:
+            m.request_energy.labels(rec.task).observe(rec.energy_j)
+        self.sink(rec)

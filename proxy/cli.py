@@ -1,0 +1,182 @@
+"""``wattproxy serve | demo | report | check-config | estimate``.
+
+Every failure a user can cause ends in a clear message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy import __version__
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError, LedgerError
+
+EXIT_CONFIG = 2
+DEFAULT_CONFIG = "config.yaml"
+
+
+def _config(path: str | None) -> Config:
+    """The config at ``path``; without ``--config``, ./config.yaml if present, else defaults."""
+    if path is None and Path(DEFAULT_CONFIG).is_file():
+        path = DEFAULT_CONFIG
+    return load_config(path)
+
+
+def _print_problems(err: ConfigError) -> None:
+    print(f"wattproxy: invalid configuration ({len(err.problems)} problem(s)):", file=sys.stderr)
+    for problem in err.problems:
+        print(f"  - {problem}", file=sys.stderr)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.path)
+        if cfg.identity.keys_file:
+            from proxy.identity import KeyStore
+
+            KeyStore.load(cfg.identity.keys_file)
+    except ConfigError as err:
+        _print_problems(err)
+        return EXIT_CONFIG
+    names = ", ".join(f"{u.name} ({u.url}{'' if u.prefix == '/' else u.prefix})"
+                      for u in cfg.upstreams)  # fmt: skip
+    print(f"{args.path}: ok; upstreams: {names}; meter: {cfg.meter.kind}; ledger: "
+          f"{cfg.ledger.url.split('://')[0]}")  # fmt: skip
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = _config(args.config)
+    except ConfigError as err:
+        _print_problems(err)
+        return EXIT_CONFIG
+    from proxy.server import serve
+
+    try:
+        return serve(cfg, config_path=args.config)
+    except ConfigError as err:
+        _print_problems(err)
+        return EXIT_CONFIG
+    except OSError as e:
+        print(f"wattproxy: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {e.strerror or e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return asyncio.run(run_demo(Path(args.out), requests=args.requests, seed=args.seed))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from proxy.ledger.base import open_ledger
+    from proxy.reports import build_report, default_period, parse_day, report_csv, report_table
+
+    try:
+        cfg = _config(args.config)
+        start_default, end_default = default_period()
+        start = parse_day(args.date_from, start_default)
+        end = parse_day(args.date_to, end_default)
+    except ConfigError as err:
+        _print_problems(err)
+        return EXIT_CONFIG
+    except ValueError:
+        print("wattproxy: --from and --to must be ISO dates, e.g. 2026-11-01", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def fetch() -> list:  # type: ignore[type-arg]
+        ledger = open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
+        await ledger.open()
+        try:
+            return await ledger.aggregates(start.isoformat(), end.isoformat(), user=args.user)
+        finally:
+            await ledger.close()
+
+    try:
+        rows = asyncio.run(fetch())
+    except (LedgerError, ConfigError) as e:
+        print(f"wattproxy: cannot read the ledger {cfg.ledger.url}: {e}", file=sys.stderr)
+        return 1
+    report = build_report(args.user, start, end, rows, args.group_by)
+    if args.format == "json":
+        out = json.dumps(report, indent=2)
+    elif args.format == "csv":
+        out = report_csv(report)
+    elif args.format == "html":
+        from proxy.report_html import render_html
+
+        out = render_html(report, rows)
+    else:
+        out = report_table(report)
+    if args.output:
+        Path(args.output).write_text(out, "utf-8")
+        print(f"wrote {args.output}")
+    else:
+        print(out)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wattproxy",
+        description="A reverse proxy that meters the energy and carbon of AI inference requests.",
+    )
+    p.add_argument("--version", action="version", version=f"wattproxy {__version__}")
+    p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", default=None, help="config file (default ./config.yaml if present)")
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="run the whole pipeline locally with a simulated GPU")
+    d.add_argument("--out", default="demo-output", help="folder for the ledger and metrics")
+    d.add_argument("--requests", type=int, default=150)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("report", help="a user's emissions from the ledger")
+    r.add_argument("--user", required=True)
+    r.add_argument("--from", dest="date_from", default=None)
+    r.add_argument("--to", dest="date_to", default=None)
+    r.add_argument("--group-by", default="day", choices=("day", "task", "model"))
+    r.add_argument("--format", default="table", choices=("table", "json", "csv", "html"))
+    r.add_argument("--output", "-o", default=None, help="write to this file")
+    r.add_argument("--config", default=None)
+    r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("path")
+    c.set_defaults(func=cmd_check_config)
+
+    try:
+        from estimators import estimate_cli
+
+        estimate_cli.add_parser(sub)
+    except ImportError:  # pragma: no cover - the estimators ship together with the proxy
+        pass
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""The proxy handler: identify, route, check the budget, forward, relay the answer chunk by
+chunk, and account for the request - whatever happens to either peer on the way.
+
+aiohttp client errors are translated to ``proxy.errors`` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.accounting import Accountant, OpenRequest
+from proxy.config import Config, UpstreamConfig
+from proxy.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.headers import REQUEST_DROP, RESPONSE_DROP, filter_headers, request_id
+from proxy.identity import Identity, IdentityResolver
+from proxy.metrics import Metrics
+from proxy.records import RequestRecord, utc_iso, utcnow
+from proxy.routing import Router
+from proxy.tasks import OTHER, task_for
+from proxy.tokens import TokenCounter, estimate_tokens
+from proxy.usage.base import BodyUsage, StreamUsage, Usage, parse_json
+from proxy.usage.openai import OpenAIRequest, OpenAISSE, plan_openai_request, usage_from_body
+
+log = logging.getLogger("wattproxy.forward")
+
+BODY_METHODS = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+#: Budget check: raises ``BudgetExceeded`` for an identity over its budget.
+BudgetCheck = Callable[[Identity], Awaitable[None]]
+
+
+def json_error(err: ProxyError, rid: str | None = None, task: str | None = None) -> web.Response:
+    headers = {}
+    if rid:
+        headers["X-Request-Id"] = rid
+    if task:
+        headers["X-Wattproxy-Task"] = task
+    if err.status == 429 and "retry_after_s" in err.extra:
+        headers["Retry-After"] = str(int(err.extra.pop("retry_after_s")))
+    return web.json_response(err.body(), status=err.status, headers=headers)
+
+
+def check_target(method: str, raw_path: str, path: str) -> None:
+    """Refuse what would make this an open proxy or escape the upstream's path space."""
+    if method == "CONNECT":
+        raise BadRequest("CONNECT is not supported: this is a reverse proxy")
+    if not raw_path.startswith("/") or raw_path.startswith("//"):
+        raise BadRequest("absolute-form request targets are not accepted")
+    raw = raw_path.split("?", 1)[0].lower()
+    if "%2f" in raw or "%5c" in raw or "\\" in raw:
+        raise BadRequest("encoded slashes are not accepted in the path")
+    segments = path.split("/")
+    if ".." in segments or "." in segments or "%2e" in raw:
+        raise BadRequest("path traversal is not accepted")
+
+
+def is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def counted_body(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, refused once it passes ``limit``."""
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        yield chunk
+
+
+@dataclass(slots=True)
+class Relay:
+    """The state of one response being relayed."""
+
+    parser: StreamUsage | None
+    collector: BodyUsage | None
+    tokens_seen: int = 0
+
+
+class Forwarder:
+    def __init__(
+        self,
+        cfg: Config,
+        router: Router,
+        sessions: dict[str, aiohttp.ClientSession],
+        accountant: Accountant,
+        identity: IdentityResolver,
+        metrics: Metrics,
+        counters: dict[str, TokenCounter] | None = None,
+        budget_check: BudgetCheck | None = None,
+        upstream_keys: dict[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.sessions = sessions
+        self.accountant = accountant
+        self.identity = identity
+        self.metrics = metrics
+        self.counters = counters or {}
+        self.budget_check = budget_check
+        self.upstream_keys = upstream_keys or {}
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rid = request_id(request.headers.get("X-Request-Id"))
+        task: str | None = None
+        try:
+            check_target(request.method, request.raw_path, request.path)
+            who = self.identity.resolve(request.headers)
+            upstream, plan, data = await self._read_and_route(request)
+            task = task_for(request.path, upstream.tasks, upstream.api)
+            if self.budget_check is not None and task != OTHER:
+                await self.budget_check(who)
+            return await self._forward(request, rid, who, upstream, task, plan, data)
+        except ProxyError as err:
+            if err.status == 429:
+                self.metrics.budget_rejections.labels(err.extra.get("scope", "user")).inc()
+            return json_error(err, rid, task)
+
+    async def _read_and_route(
+        self, request: web.Request
+    ) -> tuple[UpstreamConfig, OpenAIRequest, Any]:
+        limit = self.cfg.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        path = request.path
+        plan = OpenAIRequest()
+        data: Any = None
+        if request.method in BODY_METHODS and request.body_exists:
+            if is_json(request.content_type):
+                body = await read_limited(request, limit)
+                data = body
+                try:
+                    doc = parse_json(body) if body else None
+                except ValueError:
+                    doc = None
+                    if self.router.needs_model(path):
+                        raise BadRequest("request body is not valid JSON") from None
+                candidates = self.router.candidates(path)
+                if doc is not None and any(u.api in ("openai", "tgi") for u in candidates):
+                    plan = plan_openai_request(path, doc)
+                elif isinstance(doc, dict) and isinstance(doc.get("model"), str):
+                    plan.model = doc["model"]
+            else:
+                data = counted_body(request, limit)
+        upstream = self.router.route(path, plan.model)
+        if upstream is None:
+            if not self.router.candidates(path):
+                raise NotFound(f"no upstream serves {path}")
+            raise NotFound(f"model {plan.model!r} is not served here", code="model_not_found")
+        if plan.body is not None:
+            if upstream.api == "openai":
+                data = plan.body
+            else:
+                plan.inject_usage = False
+        return upstream, plan, data
+
+    def _upstream_headers(
+        self, request: web.Request, upstream: UpstreamConfig, rid: str
+    ) -> CIMultiDict[str]:
+        drop = set(REQUEST_DROP)
+        if self.identity.keys_required:
+            drop |= {"authorization", "x-api-key"}  # the proxy's own keys never go upstream
+        headers = filter_headers(request.headers, drop)
+        key = self.upstream_keys.get(upstream.name)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        headers["X-Request-Id"] = rid
+        peer = request.remote
+        if peer:
+            prior = request.headers.get("X-Forwarded-For")
+            headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        return headers
+
+    def _prompt_estimate(self, plan: OpenAIRequest, data: Any) -> int:
+        if plan.prompt_text:
+            return estimate_tokens(plan.prompt_text)
+        return len(data) // 4 if isinstance(data, bytes) else 0
+
+    async def _forward(
+        self,
+        request: web.Request,
+        rid: str,
+        who: Identity,
+        upstream: UpstreamConfig,
+        task: str,
+        plan: OpenAIRequest,
+        data: Any,
+    ) -> web.StreamResponse:
+        record = RequestRecord(
+            request_id=rid, user=who.user, team=who.team, upstream=upstream.name,
+            model=plan.model, task=task, status=0, started_at=utc_iso(utcnow()),
+            end_user=plan.end_user, key_id=who.key_id,
+        )  # fmt: skip
+        req = self.accountant.begin(
+            record, upstream.devices, self._prompt_estimate(plan, data), plan.stream,
+            max_tokens=plan.max_tokens, images=plan.images,
+        )  # fmt: skip
+        status = 502
+        usage = Usage()
+        outcome = "ok"
+        relay: Relay | None = None
+        try:
+            resp = await self._send(request, upstream, rid, data)
+        except ProxyError as err:
+            outcome = "upstream_timeout" if err.status == 504 else "upstream_unavailable"
+            if isinstance(err, PayloadTooLarge):
+                outcome = "payload_too_large"
+            self.accountant.end(req, err.status, usage, outcome)
+            return json_error(err, rid, task)
+        try:
+            status = resp.status
+            out, relay = await self._start_response(request, resp, rid, task, plan)
+            outcome = await self._relay(resp, out, req, relay)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            resp.close()
+            usage = self._usage(request.path, upstream, plan, relay, data)
+            self.accountant.end(req, status, usage, outcome)
+        return out
+
+    async def _send(
+        self, request: web.Request, upstream: UpstreamConfig, rid: str, data: Any
+    ) -> aiohttp.ClientResponse:
+        session = self.sessions[upstream.name]
+        url = upstream.url + request.raw_path
+        headers = self._upstream_headers(request, upstream, rid)
+        try:
+            async with asyncio.timeout(upstream.timeouts.first_byte_s):
+                return await session.request(
+                    request.method, url, headers=headers, data=data, allow_redirects=False,
+                )  # fmt: skip
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {upstream.name!r} did not answer within "
+                f"{upstream.timeouts.first_byte_s:g} s"
+            ) from None
+        except PayloadTooLarge:
+            raise
+        except aiohttp.ClientConnectorError as e:
+            raise UpstreamUnavailable(
+                f"upstream {upstream.name!r} is unreachable: {e.os_error.strerror or e}"
+            ) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise UpstreamUnavailable(
+                f"upstream {upstream.name!r} failed: {type(e).__name__}"
+            ) from None
+
+    async def _start_response(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        rid: str,
+        task: str,
+        plan: OpenAIRequest,
+    ) -> tuple[web.StreamResponse, Relay]:
+        ctype = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        encoded = resp.headers.get("Content-Encoding", "identity").lower() != "identity"
+        parser: StreamUsage | None = None
+        collector: BodyUsage | None = None
+        if not encoded and ctype == "text/event-stream":
+            parser = OpenAISSE(
+                strip_usage=plan.inject_usage, collect_text=bool(self.counters)
+            )
+        elif not encoded and is_json(ctype):
+            collector = BodyUsage()
+        out = web.StreamResponse(status=resp.status, reason=resp.reason)
+        out.headers.extend(filter_headers(resp.headers, RESPONSE_DROP))
+        if resp.content_length is not None and not (parser is not None and plan.inject_usage):
+            out.content_length = resp.content_length
+        out.headers["X-Request-Id"] = rid
+        out.headers["X-Wattproxy-Task"] = task
+        await out.prepare(request)
+        return out, Relay(parser, collector)
+
+    async def _relay(
+        self,
+        resp: aiohttp.ClientResponse,
+        out: web.StreamResponse,
+        req: OpenRequest,
+        relay: Relay,
+    ) -> str:
+        """Copy the body chunk by chunk; returns the outcome."""
+        acc = self.accountant
+        parser, collector = relay.parser, relay.collector
+        first = True
+        while True:
+            try:
+                chunk = await resp.content.readany()
+            except TimeoutError:
+                await self._end_cleanly(out)
+                return "upstream_timeout"
+            except (aiohttp.ClientError, OSError):
+                await self._end_cleanly(out)
+                return "upstream_reset"
+            if not chunk:
+                break
+            if first:
+                first = False
+                acc.first_byte(req)
+            if parser is not None:
+                data = parser.feed(chunk)
+                if parser.tokens != relay.tokens_seen:
+                    acc.tokens(req, parser.tokens - relay.tokens_seen)
+                    relay.tokens_seen = parser.tokens
+            else:
+                if collector is not None:
+                    collector.feed(chunk)
+                data = chunk
+            if data:
+                try:
+                    await out.write(data)
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    return "client_disconnect"
+        if first:
+            acc.first_byte(req)
+        try:
+            if parser is not None:
+                tail = parser.flush()
+                if tail:
+                    await out.write(tail)
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return "client_disconnect"
+        return "ok"
+
+    @staticmethod
+    async def _end_cleanly(out: web.StreamResponse) -> None:
+        try:
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+
+    def _usage(
+        self,
+        path: str,
+        upstream: UpstreamConfig,
+        plan: OpenAIRequest,
+        relay: Relay | None,
+        data: Any,
+    ) -> Usage:
+        usage = Usage()
+        counter = self.counters.get(upstream.name)
+        if relay is not None and relay.parser is not None:
+            usage = relay.parser.finish()
+            if usage.tokens_source != "server" and counter is not None and isinstance(
+                relay.parser, OpenAISSE
+            ):
+                usage.completion_tokens = counter.count(relay.parser.text)
+                usage.tokens_source = "tokenizer"
+        elif relay is not None and relay.collector is not None:
+            usage = usage_from_body(path, relay.collector.json())
+        if usage.prompt_tokens is None and (plan.prompt_text or plan.messages):
+            if counter is not None:
+                usage.prompt_tokens = counter.count_prompt(plan.messages, plan.prompt_text)
+                if usage.tokens_source in ("none", "estimate"):
+                    usage.tokens_source = "tokenizer"
+            else:
+                usage.prompt_tokens = estimate_tokens(plan.prompt_text)
+                if usage.tokens_source == "none":
+                    usage.tokens_source = "estimate"
+        if usage.images is None:
+            usage.images = plan.images
+        return usage

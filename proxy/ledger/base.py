@@ -1,0 +1,87 @@
+"""The ledger interface. Backends store final request records exactly once (keyed by request id)
+and keep daily aggregates per user, team, task, model and upstream for reports and budgets."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from proxy.errors import ConfigError
+from proxy.records import RequestRecord
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateRow:
+    """One day's totals for one (user, team, task, model, upstream)."""
+
+    day: str
+    user: str
+    team: str | None
+    task: str
+    model: str | None
+    upstream: str
+    requests: int
+    energy_j: float
+    co2e_g: float
+    prompt_tokens: int
+    completion_tokens: int
+    measured_energy_j: float
+
+
+class Ledger(abc.ABC):
+    backend: str = "abstract"
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect and create the schema."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def write(self, records: Sequence[RequestRecord]) -> int:
+        """Store final records; a request id already stored is skipped. Returns how many were new.
+        Raises ``LedgerError`` when the backend cannot be reached."""
+
+    @abc.abstractmethod
+    async def get(self, request_id: str) -> RequestRecord | None:
+        """One stored record."""
+
+    @abc.abstractmethod
+    async def aggregates(
+        self,
+        start_day: str,
+        end_day: str,
+        user: str | None = None,
+        team: str | None = None,
+    ) -> list[AggregateRow]:
+        """Daily aggregates with ``start_day <= day <= end_day`` (ISO dates), optionally for one
+        user or team."""
+
+    async def used_g(self, scope: str, key: str, start_day: str, end_day: str) -> float:
+        """Grams CO2e a user or team used in the period (budgets)."""
+        rows = await self.aggregates(
+            start_day, end_day, user=key if scope == "user" else None,
+            team=key if scope == "team" else None,
+        )  # fmt: skip
+        return sum(r.co2e_g for r in rows)
+
+    async def ping(self) -> bool:
+        return True
+
+
+def open_ledger(url: str, retention_days: int = 90) -> Ledger:
+    """The backend for ``ledger.url``: ``sqlite:///path``, ``redis://`` / ``rediss://``."""
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from proxy.ledger.sqlite import SQLiteLedger
+
+        return SQLiteLedger.from_url(url, retention_days=retention_days)
+    if scheme in ("redis", "rediss"):
+        try:
+            from proxy.ledger.redis import RedisLedger
+        except ImportError as e:  # pragma: no cover - redis is a core dependency
+            raise ConfigError([f"ledger.url: redis backend unavailable: {e}"]) from e
+        return RedisLedger.from_url(url, retention_days=retention_days)
+    raise ConfigError([f"ledger.url: unsupported scheme {scheme!r}"])

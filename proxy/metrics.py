@@ -1,0 +1,155 @@
+"""The Prometheus metric families of the SPEC, in base units, on a registry passed in.
+
+Labels that come from clients (model names, users) are capped so no client can grow the series
+without bound: past the cap a value is reported as ``_other``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+OTHER = "_other"
+
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFB_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+ENERGY_BUCKETS_J = (0.1, 0.5, 1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000)
+RELATIVE_ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+
+
+class LabelCap:
+    """Admits the first ``limit`` distinct values of a label; later ones become ``_other``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str | None) -> str:
+        v = value or ""
+        if v in self._seen:
+            return v
+        with self._lock:
+            if len(self._seen) < self.limit:
+                self._seen.add(v)
+                return v
+        return OTHER
+
+
+class Metrics:
+    """Every wattproxy metric family.
+
+    Args:
+        registry: where to register (a fresh ``CollectorRegistry`` in tests).
+        per_user_labels: add a ``user`` label to the energy and CO2e counters.
+        max_user_labels: users with their own label; the rest are ``_other``.
+        max_model_labels: distinct ``model`` label values before ``_other``.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        per_user_labels: bool = False,
+        max_user_labels: int = 50,
+        max_model_labels: int = 200,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.per_user_labels = per_user_labels
+        self.user_label = LabelCap(max_user_labels)
+        self.model_label = LabelCap(max_model_labels)
+        user = ("user",) if per_user_labels else ()
+        self.requests = Counter(
+            "wattproxy_requests", "Requests proxied, by the status code the client got.",
+            ("upstream", "model", "task", "code"), registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "wattproxy_request_duration_seconds", "Request duration through the proxy.",
+            ("upstream", "task"), buckets=DURATION_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.ttfb = Histogram(
+            "wattproxy_time_to_first_byte_seconds", "Time to the first response byte.",
+            ("upstream", "task"), buckets=TTFB_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "wattproxy_tokens", "Tokens processed, by type (prompt, completion).",
+            ("upstream", "model", "task", "type"), registry=r,
+        )  # fmt: skip
+        self.energy = Counter(
+            "wattproxy_energy_joules", "Energy of finished requests, measured or estimated.",
+            ("upstream", "model", "task", "source", *user), registry=r,
+        )  # fmt: skip
+        self.co2e = Counter(
+            "wattproxy_co2e_grams", "Grams CO2e of finished requests, measured or estimated.",
+            ("upstream", "model", "task", "source", *user), registry=r,
+        )  # fmt: skip
+        self.request_energy = Histogram(
+            "wattproxy_request_energy_joules", "Energy per finished request.",
+            ("task",), buckets=ENERGY_BUCKETS_J, registry=r,
+        )  # fmt: skip
+        self.device_energy = Counter(
+            "wattproxy_device_energy_joules", "Energy the meter measured on each device.",
+            ("device",), registry=r,
+        )  # fmt: skip
+        self.attributed_energy = Counter(
+            "wattproxy_attributed_energy_joules",
+            "Measured device energy charged to requests (device = attributed + unattributed).",
+            ("device",), registry=r,
+        )  # fmt: skip
+        self.unattributed_energy = Counter(
+            "wattproxy_unattributed_energy_joules",
+            "Measured device energy charged to no request: idle power, or no request in flight.",
+            ("device", "reason"), registry=r,
+        )  # fmt: skip
+        self.device_power = Gauge(
+            "wattproxy_device_power_watts", "Latest device power.", ("device",), registry=r
+        )
+        self.grid_intensity = Gauge(
+            "wattproxy_grid_carbon_intensity_grams_per_kwh",
+            "Grid carbon intensity applied to energy drawn now.", ("zone",), registry=r,
+        )  # fmt: skip
+        self.carbon_provider = Gauge(
+            "wattproxy_carbon_provider_info",
+            "The carbon-intensity provider in use (1) and whether it fell back to the table.",
+            ("provider", "zone", "fallback"), registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "wattproxy_inflight_requests", "Requests in flight.", ("upstream",), registry=r
+        )
+        self.meter_up = Gauge(
+            "wattproxy_meter_up", "1 when the device's last read succeeded.",
+            ("device", "kind"), registry=r,
+        )  # fmt: skip
+        self.ledger_errors = Counter(
+            "wattproxy_ledger_errors", "Ledger writes that failed (records then spooled).",
+            ("backend",), registry=r,
+        )  # fmt: skip
+        self.ledger_backlog = Gauge(
+            "wattproxy_ledger_backlog_records", "Records waiting to reach the ledger.",
+            ("backend",), registry=r,
+        )  # fmt: skip
+        self.budget_rejections = Counter(
+            "wattproxy_budget_rejections", "Requests refused for an exhausted carbon budget.",
+            ("scope",), registry=r,
+        )  # fmt: skip
+        self.estimator_error = Histogram(
+            "wattproxy_estimator_relative_error",
+            "|estimate - measured| / measured of the calibrated estimator, before each update.",
+            buckets=RELATIVE_ERROR_BUCKETS, registry=r,
+        )  # fmt: skip
+
+    def energy_labels(
+        self, upstream: str, model: str | None, task: str, source: str, user: str
+    ) -> tuple[str, ...]:
+        base = (upstream, self.model_label(model), task, source)
+        return (*base, self.user_label(user)) if self.per_user_labels else base
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def metrics_handler(request: web.Request, metrics: Metrics) -> web.Response:
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
