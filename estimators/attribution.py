@@ -202,9 +202,12 @@ class AttributionEngine:
         if flight is not None:
             p = flight.profile
             flight.profile = WorkProfile(
-                prompt_tokens, p.prefill_j_per_token, p.decode_j_per_token, p.expected_j,
+                prompt_tokens,
+                p.prefill_j_per_token,
+                p.decode_j_per_token,
+                p.expected_j,
                 p.token_stream,
-            )  # fmt: skip
+            )
 
     def end(self, request_id: str, t_s: float) -> Flight | None:
         """Mark the end; the flight stays until every device has sampled past ``t_s``."""

@@ -94,14 +94,20 @@ class Accountant:
     ) -> OpenRequest:
         now = self.clock()
         wanted = self.meter_devices if devices is None else list(devices)
-        metered = tuple(
-            d for d in wanted if d in self._load and d not in self._down_since
-        ) if record.task != OTHER else ()  # fmt: skip
+        metered = (
+            tuple(d for d in wanted if d in self._load and d not in self._down_since)
+            if record.task != OTHER
+            else ()
+        )
         shape = RequestShape(
-            upstream=record.upstream, model=record.model, task=record.task,
-            prompt_tokens=prompt_tokens_est, completion_tokens=max_tokens, images=images,
+            upstream=record.upstream,
+            model=record.model,
+            task=record.task,
+            prompt_tokens=prompt_tokens_est,
+            completion_tokens=max_tokens,
+            images=images,
             concurrency=max(1, self._inflight[record.upstream] + 1),
-        )  # fmt: skip
+        )
         req = OpenRequest(record, shape, metered, now)
         self.requests[record.request_id] = req
         if metered:
@@ -127,7 +133,7 @@ class Accountant:
             self.engine.tokens(req.record.request_id, count)
 
     def end(self, req: OpenRequest, status: int, usage: Usage, outcome: str = "ok") -> None:
-        """The response is over (or broke off): close the request's timing and wait for the meter."""
+        """The response is over (or broke off): close its timing and wait for the meter."""
         if req.ended:
             return
         req.ended = True
@@ -141,10 +147,12 @@ class Accountant:
         rec.completion_tokens = usage.completion_tokens
         rec.tokens_source = usage.tokens_source
         req.shape = replace(
-            req.shape, prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens, duration_s=rec.duration_s,
+            req.shape,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            duration_s=rec.duration_s,
             images=usage.images if usage.images is not None else req.shape.images,
-        )  # fmt: skip
+        )
         m = self.metrics
         model = m.model_label(rec.model)
         m.inflight.labels(rec.upstream).dec()

@@ -92,15 +92,18 @@ def build_parts(
 ) -> Parts:
     env = os.environ if environ is None else environ
     metrics = Metrics(
-        registry, per_user_labels=cfg.metrics.per_user_labels,
+        registry,
+        per_user_labels=cfg.metrics.per_user_labels,
         max_user_labels=cfg.metrics.max_user_labels,
-    )  # fmt: skip
+    )
     idle_w = None if cfg.attribution.idle_watts == "auto" else float(cfg.attribution.idle_watts)
     engine = AttributionEngine(
         Weighting(cfg.attribution.weighting), IdlePolicy(cfg.attribution.idle), idle_w
     )
     estimator = Estimator()
-    ledger = ledger if ledger is not None else open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
+    ledger = (
+        ledger if ledger is not None else open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
+    )
     writer = LedgerWriter(
         ledger, metrics, cfg.ledger.batch_size, cfg.ledger.flush_interval_ms / 1000.0
     )
@@ -111,25 +114,42 @@ def build_parts(
         writer.submit(record)
 
     holder: dict[str, Accountant] = {}
-    meter = meter if meter is not None else build_meter(
-        cfg.meter, load=lambda: holder["a"].load() if "a" in holder else {}
-    )  # fmt: skip
+    meter = (
+        meter
+        if meter is not None
+        else build_meter(cfg.meter, load=lambda: holder["a"].load() if "a" in holder else {})
+    )
     g_per_j = _g_per_j(cfg, metrics)
     accountant = Accountant(
-        engine, estimator, metrics, sink, meter_devices=meter.devices(), meter_kind=meter.kind,
+        engine,
+        estimator,
+        metrics,
+        sink,
+        meter_devices=meter.devices(),
+        meter_kind=meter.kind,
         g_per_j=lambda: g_per_j,
-    )  # fmt: skip
+    )
     holder["a"] = accountant
     sampler = Sampler(meter, cfg.meter.interval_ms / 1000.0, accountant.on_reading)
     keys = KeyStore.load(cfg.identity.keys_file) if cfg.identity.keys_file else None
     identity = IdentityResolver(keys, cfg.identity.allow_header_identity)
     counters = {u.name: TokenCounter(u.model_path) for u in cfg.upstreams if u.model_path}
     parts = Parts(
-        cfg=cfg, metrics=metrics, meter=meter, engine=engine, estimator=estimator,
-        accountant=accountant, ledger=ledger, writer=writer, recent=recent,
-        router=Router(cfg.upstreams), identity=identity, sampler=sampler, counters=counters,
+        cfg=cfg,
+        metrics=metrics,
+        meter=meter,
+        engine=engine,
+        estimator=estimator,
+        accountant=accountant,
+        ledger=ledger,
+        writer=writer,
+        recent=recent,
+        router=Router(cfg.upstreams),
+        identity=identity,
+        sampler=sampler,
+        counters=counters,
         g_per_j=g_per_j,
-    )  # fmt: skip
+    )
     for device in meter.devices():
         metrics.meter_up.labels(device, meter.kind).set(0)
     _ = env
@@ -213,10 +233,13 @@ async def readyz(request: web.Request) -> web.Response:
     body = {
         "ready": ready,
         "upstreams": upstreams,
-        "ledger": {"backend": parts.ledger.backend, "ok": ledger_ok,
-                   "backlog": parts.writer.backlog},
+        "ledger": {
+            "backend": parts.ledger.backend,
+            "ok": ledger_ok,
+            "backlog": parts.writer.backlog,
+        },
         "meter": {"kind": parts.meter.kind, "devices": devices, "ok": meter_ok},
-    }  # fmt: skip
+    }
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -226,16 +249,19 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
     app = web.Application(client_max_size=cfg.limits.max_body_bytes)
     app[PARTS] = parts
     admin_token = os.environ.get(cfg.admin_token_env) or None
-    emissions = Emissions(
-        parts.ledger, parts.accountant, parts.recent, parts.identity, admin_token
-    )
+    emissions = Emissions(parts.ledger, parts.accountant, parts.recent, parts.identity, admin_token)
     forwarder = Forwarder(
-        cfg, parts.router, parts.sessions, parts.accountant, parts.identity, parts.metrics,
+        cfg,
+        parts.router,
+        parts.sessions,
+        parts.accountant,
+        parts.identity,
+        parts.metrics,
         counters=parts.counters,
         upstream_keys={
             u.name: os.environ.get(u.api_key_env, "") for u in cfg.upstreams if u.api_key_env
         },
-    )  # fmt: skip
+    )
 
     async def metrics(request: web.Request) -> web.Response:
         return await metrics_handler(request, parts.metrics)

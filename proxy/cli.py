@@ -44,10 +44,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
-    names = ", ".join(f"{u.name} ({u.url}{'' if u.prefix == '/' else u.prefix})"
-                      for u in cfg.upstreams)  # fmt: skip
-    print(f"{args.path}: ok; upstreams: {names}; meter: {cfg.meter.kind}; ledger: "
-          f"{cfg.ledger.url.split('://')[0]}")  # fmt: skip
+    names = ", ".join(
+        f"{u.name} ({u.url}{'' if u.prefix == '/' else u.prefix})" for u in cfg.upstreams
+    )
+    print(
+        f"{args.path}: ok; upstreams: {names}; meter: {cfg.meter.kind}; ledger: "
+        f"{cfg.ledger.url.split('://')[0]}"
+    )
     return 0
 
 
@@ -65,8 +68,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _print_problems(err)
         return EXIT_CONFIG
     except OSError as e:
-        print(f"wattproxy: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {e.strerror or e}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"wattproxy: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {e.strerror or e}",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -77,7 +82,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from proxy.ledger.base import open_ledger
+    from proxy.ledger.base import AggregateRow, open_ledger
     from proxy.reports import build_report, default_period, parse_day, report_csv, report_table
 
     try:
@@ -92,7 +97,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("wattproxy: --from and --to must be ISO dates, e.g. 2026-11-01", file=sys.stderr)
         return EXIT_CONFIG
 
-    async def fetch() -> list:  # type: ignore[type-arg]
+    async def fetch() -> list[AggregateRow]:
         ledger = open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
         await ledger.open()
         try:
@@ -157,12 +162,6 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.set_defaults(func=cmd_check_config)
 
-    try:
-        from estimators import estimate_cli
-
-        estimate_cli.add_parser(sub)
-    except ImportError:  # pragma: no cover - the estimators ship together with the proxy
-        pass
     return p
 
 

@@ -250,7 +250,9 @@ def parse_config(
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{origin}: the top level must be a mapping of keys, not {type(data).__name__}"])
+        raise ConfigError(
+            [f"{origin}: the top level must be a mapping of keys, not {type(data).__name__}"]
+        )
     data = _env_overrides(dict(data), os.environ if environ is None else environ)
     try:
         return Config.model_validate(data)

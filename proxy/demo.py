@@ -39,8 +39,36 @@ MODELS: dict[str, tuple[str, str, dict[str, str]]] = {
     "sd-": ("diffusion", "text-to-image", {}),
 }
 
-TEXT = ("The quick brown fox jumps over the lazy dog while the grid runs on wind and sun "
-        "and the accelerator draws its watts one token at a time").split()  # fmt: skip
+TEXT = [
+    "The",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "while",
+    "the",
+    "grid",
+    "runs",
+    "on",
+    "wind",
+    "and",
+    "sun",
+    "and",
+    "the",
+    "accelerator",
+    "draws",
+    "its",
+    "watts",
+    "one",
+    "token",
+    "at",
+    "a",
+    "time",
+]
 
 
 def free_port() -> int:
@@ -53,10 +81,15 @@ def demo_config(upstream_url: str, out: Path, port: int) -> dict[str, Any]:
     return {
         "listen": {"host": "127.0.0.1", "port": port},
         "upstreams": [
-            {"name": name, "url": upstream_url, "models": [prefix + "*"], "tasks": tasks,
-             "devices": ["gpu0"]}
+            {
+                "name": name,
+                "url": upstream_url,
+                "models": [prefix + "*"],
+                "tasks": tasks,
+                "devices": ["gpu0"],
+            }
             for prefix, (name, _task, tasks) in MODELS.items()
-        ],  # fmt: skip
+        ],
         "meter": {"kind": "simulated", "interval_ms": 50},
         "attribution": {"idle": "exclude", "idle_watts": 60, "weighting": "work"},
         "carbon": {"zone": "WORLD", "pue": 1.2},
@@ -72,29 +105,47 @@ def _words(rng: random.Random, n: int) -> str:
 def make_request(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
     """(task, path, body) of one request of a realistic mix."""
     task = rng.choices(
-        ["text-generation", "summarization", "image-to-text", "text-classification",
-         "feature-extraction", "text-to-image"],
+        [
+            "text-generation",
+            "summarization",
+            "image-to-text",
+            "text-classification",
+            "feature-extraction",
+            "text-to-image",
+        ],
         weights=[30, 10, 8, 25, 22, 5],
-    )[0]  # fmt: skip
+    )[0]
     if task == "text-generation":
-        body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": _words(rng, 40)}],
-                "max_tokens": rng.randint(16, 48), "stream": rng.random() < 0.7}  # fmt: skip
+        body = {
+            "model": "llama-3.1-8b",
+            "messages": [{"role": "user", "content": _words(rng, 40)}],
+            "max_tokens": rng.randint(16, 48),
+            "stream": rng.random() < 0.7,
+        }
         return task, "/v1/chat/completions", body
     if task == "summarization":
         body = {"model": "bart-large-cnn", "prompt": _words(rng, 200), "max_tokens": 30}
         return task, "/v1/completions", body
     if task == "image-to-text":
-        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-                   {"type": "text", "text": "Describe the image."}]  # fmt: skip
-        body = {"model": "blip-image-captioning", "messages": [{"role": "user", "content": content}],
-                "max_tokens": 20}  # fmt: skip
+        content = [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            {"type": "text", "text": "Describe the image."},
+        ]
+        body = {
+            "model": "blip-image-captioning",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 20,
+        }
         return task, "/v1/chat/completions", body
     if task == "text-classification":
         return task, "/classify", {"model": "distilbert-sst2", "input": _words(rng, 30)}
     if task == "feature-extraction":
         return task, "/v1/embeddings", {"model": "bge-small-en", "input": _words(rng, 60)}
-    return task, "/v1/images/generations", {"model": "sd-turbo", "prompt": _words(rng, 12),
-                                            "n": 1, "num_inference_steps": 20}  # fmt: skip
+    return (
+        task,
+        "/v1/images/generations",
+        {"model": "sd-turbo", "prompt": _words(rng, 12), "n": 1, "num_inference_steps": 20},
+    )
 
 
 class Progress:
@@ -108,12 +159,17 @@ class Progress:
             return
         filled = int(30 * self.done / self.total)
         end = "\n" if self.done == self.total or not self.tty else ""
-        self.stream.write(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}{end}")
+        self.stream.write(
+            f"\r  [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}{end}"
+        )
         self.stream.flush()
 
 
 async def drive(
-    base_url: str, requests: int, seed: int, concurrency: int = 8,
+    base_url: str,
+    requests: int,
+    seed: int,
+    concurrency: int = 8,
     on_done: Callable[[], None] = lambda: None,
 ) -> dict[str, int]:
     """Send the mixed load; returns status code counts."""
@@ -136,8 +192,10 @@ async def drive(
 
 
 def task_table(rows: list[Any], g_per_kwh: float) -> str:
-    head = (f"{'task':<22} {'requests':>8} {'J/request':>10} {'kWh/1000':>9} "
-            f"{'gCO2e/1000':>10} {'paper kWh/1000':>14}")  # fmt: skip
+    head = (
+        f"{'task':<22} {'requests':>8} {'J/request':>10} {'kWh/1000':>9} "
+        f"{'gCO2e/1000':>10} {'paper kWh/1000':>14}"
+    )
     lines = [head, "-" * len(head)]
     for task, t in group(rows, "task"):
         per_j = t.energy_j / t.requests if t.requests else 0.0
@@ -152,7 +210,10 @@ def task_table(rows: list[Any], g_per_kwh: float) -> str:
 
 
 def user_table(rows: list[Any]) -> str:
-    head = f"{'user':<8} {'team':<10} {'requests':>8} {'energy J':>10} {'gCO2e':>9} {'phone charges':>13}"
+    head = (
+        f"{'user':<8} {'team':<10} {'requests':>8} {'energy J':>10} {'gCO2e':>9} "
+        f"{'phone charges':>13}"
+    )
     lines = [head, "-" * len(head)]
     for user, t in group(rows, "user"):
         lines.append(
@@ -172,8 +233,9 @@ async def run_demo(out: Path, requests: int = 150, seed: int = 0) -> int:
     (out / "keys.yaml").write_text(keys, "utf-8")
     started = time.monotonic()
 
-    standin = StandIn(task_of_model={p: t for p, (_n, t, _o) in MODELS.items()},
-                      keep_requests=False)  # fmt: skip
+    standin = StandIn(
+        task_of_model={p: t for p, (_n, t, _o) in MODELS.items()}, keep_requests=False
+    )
     up_runner = web.AppRunner(standin.app(), access_log=None)
     await up_runner.setup()
     up_port = free_port()
@@ -186,8 +248,10 @@ async def run_demo(out: Path, requests: int = 150, seed: int = 0) -> int:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    print(f"wattproxy demo: proxy on 127.0.0.1:{port} -> stand-in server on 127.0.0.1:{up_port}, "
-          f"simulated GPU meter, {requests} requests from {len(USERS)} users")  # fmt: skip
+    print(
+        f"wattproxy demo: proxy on 127.0.0.1:{port} -> stand-in server on 127.0.0.1:{up_port}, "
+        f"simulated GPU meter, {requests} requests from {len(USERS)} users"
+    )
     progress = Progress(requests)
     try:
         codes = await drive(f"http://127.0.0.1:{port}", requests, seed, on_done=progress.step)
@@ -204,8 +268,10 @@ async def run_demo(out: Path, requests: int = 150, seed: int = 0) -> int:
 
     g_per_kwh = cfg.carbon.intensity_g_per_kwh or 475.0
     print(f"\nstatus codes: {codes}")
-    print(f"\nPer task (measured on the simulated GPU; grid {cfg.carbon.zone} "
-          f"{g_per_kwh:g} g/kWh, PUE {cfg.carbon.pue}):")  # fmt: skip
+    print(
+        f"\nPer task (measured on the simulated GPU; grid {cfg.carbon.zone} "
+        f"{g_per_kwh:g} g/kWh, PUE {cfg.carbon.pue}):"
+    )
     print(task_table(rows, g_per_kwh))
     print("\npaper: Luccioni, Jernite, Strubell, Power Hungry Processing (2024), A100 node means.")
     print("\nPer user:")
@@ -215,11 +281,14 @@ async def run_demo(out: Path, requests: int = 150, seed: int = 0) -> int:
             f"\ngpu0: measured {totals.measured_j:.1f} J = attributed {totals.attributed_j:.1f} J"
             f" + idle {totals.idle_j:.1f} J + no requests {totals.no_requests_j:.1f} J"
         )
-    report = build_report("alice", *_period(rows), rows=[r for r in rows if r.user == "alice"],
-                          group_by="task")  # fmt: skip
+    report = build_report(
+        "alice", *_period(rows), rows=[r for r in rows if r.user == "alice"], group_by="task"
+    )
     print("\n" + report_table(report))
-    print(f"\nledger: {out / 'wattproxy.db'}   metrics: {out / 'metrics.prom'}   "
-          f"({time.monotonic() - started:.1f} s)")  # fmt: skip
+    print(
+        f"\nledger: {out / 'wattproxy.db'}   metrics: {out / 'metrics.prom'}   "
+        f"({time.monotonic() - started:.1f} s)"
+    )
     failed = sum(n for code, n in codes.items() if not code.startswith("2"))
     return 0 if failed == 0 and rows else 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import date
 
 from aiohttp import web
 
@@ -132,7 +133,7 @@ class Emissions:
             return json_error(err)
 
     @staticmethod
-    def _period(request: web.Request) -> tuple:  # type: ignore[type-arg]
+    def _period(request: web.Request) -> tuple[date, date, str]:
         start_default, end_default = default_period()
         try:
             start = parse_day(request.query.get("from"), start_default)

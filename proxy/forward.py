@@ -33,8 +33,8 @@ from proxy.records import RequestRecord, utc_iso, utcnow
 from proxy.routing import Router
 from proxy.tasks import OTHER, task_for
 from proxy.tokens import TokenCounter, estimate_tokens
-from proxy.usage.base import BodyUsage, StreamUsage, Usage, parse_json
-from proxy.usage.openai import OpenAIRequest, OpenAISSE, plan_openai_request, usage_from_body
+from proxy.usage import for_api
+from proxy.usage.base import BodyUsage, RequestPlan, StreamUsage, Usage, parse_json
 
 log = logging.getLogger("wattproxy.forward")
 
@@ -143,12 +143,12 @@ class Forwarder:
 
     async def _read_and_route(
         self, request: web.Request
-    ) -> tuple[UpstreamConfig, OpenAIRequest, Any]:
+    ) -> tuple[UpstreamConfig, RequestPlan, Any]:
         limit = self.cfg.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
         path = request.path
-        plan = OpenAIRequest()
+        plan = RequestPlan()
         data: Any = None
         if request.method in BODY_METHODS and request.body_exists:
             if is_json(request.content_type):
@@ -161,10 +161,8 @@ class Forwarder:
                     if self.router.needs_model(path):
                         raise BadRequest("request body is not valid JSON") from None
                 candidates = self.router.candidates(path)
-                if doc is not None and any(u.api in ("openai", "tgi") for u in candidates):
-                    plan = plan_openai_request(path, doc)
-                elif isinstance(doc, dict) and isinstance(doc.get("model"), str):
-                    plan.model = doc["model"]
+                if doc is not None and candidates:
+                    plan = for_api(candidates[0].api).plan(path, doc)
             else:
                 data = counted_body(request, limit)
         upstream = self.router.route(path, plan.model)
@@ -173,10 +171,11 @@ class Forwarder:
                 raise NotFound(f"no upstream serves {path}")
             raise NotFound(f"model {plan.model!r} is not served here", code="model_not_found")
         if plan.body is not None:
-            if upstream.api == "openai":
+            if upstream.api == self.router.candidates(path)[0].api:
                 data = plan.body
-            else:
-                plan.inject_usage = False
+            else:  # planned for another API than the one chosen by model: send it untouched
+                plan = for_api(upstream.api).plan(path, parse_json(data))
+                data = plan.body or data
         return upstream, plan, data
 
     def _upstream_headers(
@@ -196,7 +195,7 @@ class Forwarder:
             headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         return headers
 
-    def _prompt_estimate(self, plan: OpenAIRequest, data: Any) -> int:
+    def _prompt_estimate(self, plan: RequestPlan, data: Any) -> int:
         if plan.prompt_text:
             return estimate_tokens(plan.prompt_text)
         return len(data) // 4 if isinstance(data, bytes) else 0
@@ -208,18 +207,29 @@ class Forwarder:
         who: Identity,
         upstream: UpstreamConfig,
         task: str,
-        plan: OpenAIRequest,
+        plan: RequestPlan,
         data: Any,
     ) -> web.StreamResponse:
         record = RequestRecord(
-            request_id=rid, user=who.user, team=who.team, upstream=upstream.name,
-            model=plan.model, task=task, status=0, started_at=utc_iso(utcnow()),
-            end_user=plan.end_user, key_id=who.key_id,
-        )  # fmt: skip
+            request_id=rid,
+            user=who.user,
+            team=who.team,
+            upstream=upstream.name,
+            model=plan.model,
+            task=task,
+            status=0,
+            started_at=utc_iso(utcnow()),
+            end_user=plan.end_user,
+            key_id=who.key_id,
+        )
         req = self.accountant.begin(
-            record, upstream.devices, self._prompt_estimate(plan, data), plan.stream,
-            max_tokens=plan.max_tokens, images=plan.images,
-        )  # fmt: skip
+            record,
+            upstream.devices,
+            self._prompt_estimate(plan, data),
+            plan.stream,
+            max_tokens=plan.max_tokens,
+            images=plan.images,
+        )
         status = 502
         usage = Usage()
         outcome = "ok"
@@ -234,7 +244,7 @@ class Forwarder:
             return json_error(err, rid, task)
         try:
             status = resp.status
-            out, relay = await self._start_response(request, resp, rid, task, plan)
+            out, relay = await self._start_response(request, resp, rid, task, upstream, plan)
             outcome = await self._relay(resp, out, req, relay)
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -254,8 +264,12 @@ class Forwarder:
         try:
             async with asyncio.timeout(upstream.timeouts.first_byte_s):
                 return await session.request(
-                    request.method, url, headers=headers, data=data, allow_redirects=False,
-                )  # fmt: skip
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                )
         except TimeoutError:
             raise UpstreamTimeout(
                 f"upstream {upstream.name!r} did not answer within "
@@ -278,21 +292,21 @@ class Forwarder:
         resp: aiohttp.ClientResponse,
         rid: str,
         task: str,
-        plan: OpenAIRequest,
+        upstream: UpstreamConfig,
+        plan: RequestPlan,
     ) -> tuple[web.StreamResponse, Relay]:
         ctype = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         encoded = resp.headers.get("Content-Encoding", "identity").lower() != "identity"
         parser: StreamUsage | None = None
         collector: BodyUsage | None = None
-        if not encoded and ctype == "text/event-stream":
-            parser = OpenAISSE(
-                strip_usage=plan.inject_usage, collect_text=bool(self.counters)
-            )
-        elif not encoded and is_json(ctype):
-            collector = BodyUsage()
+        if not encoded:
+            collect = upstream.name in self.counters
+            parser = for_api(upstream.api).stream(request.path, ctype, plan, collect)
+            if parser is None and is_json(ctype):
+                collector = BodyUsage()
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         out.headers.extend(filter_headers(resp.headers, RESPONSE_DROP))
-        if resp.content_length is not None and not (parser is not None and plan.inject_usage):
+        if resp.content_length is not None and not plan.inject_usage:
             out.content_length = resp.content_length
         out.headers["X-Request-Id"] = rid
         out.headers["X-Wattproxy-Task"] = task
@@ -361,7 +375,7 @@ class Forwarder:
         self,
         path: str,
         upstream: UpstreamConfig,
-        plan: OpenAIRequest,
+        plan: RequestPlan,
         relay: Relay | None,
         data: Any,
     ) -> Usage:
@@ -369,13 +383,11 @@ class Forwarder:
         counter = self.counters.get(upstream.name)
         if relay is not None and relay.parser is not None:
             usage = relay.parser.finish()
-            if usage.tokens_source != "server" and counter is not None and isinstance(
-                relay.parser, OpenAISSE
-            ):
+            if usage.tokens_source != "server" and counter is not None and relay.parser.text:
                 usage.completion_tokens = counter.count(relay.parser.text)
                 usage.tokens_source = "tokenizer"
         elif relay is not None and relay.collector is not None:
-            usage = usage_from_body(path, relay.collector.json())
+            usage = for_api(upstream.api).body(path, relay.collector.json())
         if usage.prompt_tokens is None and (plan.prompt_text or plan.messages):
             if counter is not None:
                 usage.prompt_tokens = counter.count_prompt(plan.messages, plan.prompt_text)

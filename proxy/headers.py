@@ -12,10 +12,17 @@ from multidict import CIMultiDict, CIMultiDictProxy
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
-        "Trailer", "Transfer-Encoding", "Upgrade", "Proxy-Connection",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Connection",
     )
-)  # fmt: skip
+)
 #: Never sent upstream: the proxy sets them itself.
 REQUEST_DROP = frozenset(("host", "content-length", "x-wattproxy-user", "x-wattproxy-team"))
 RESPONSE_DROP = frozenset(("content-length", "x-wattproxy-task"))
@@ -33,7 +40,7 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
 def filter_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], extra_drop: Iterable[str] = ()
 ) -> CIMultiDict[str]:
-    """Copy ``headers`` without hop-by-hop ones, those named in ``Connection`` and ``extra_drop``."""
+    """Copy ``headers`` minus hop-by-hop ones, those named in ``Connection`` and ``extra_drop``."""
     drop = HOP_BY_HOP | connection_tokens(headers) | {h.lower() for h in extra_drop}
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 

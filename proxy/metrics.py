@@ -63,83 +63,116 @@ class Metrics:
         self.model_label = LabelCap(max_model_labels)
         user = ("user",) if per_user_labels else ()
         self.requests = Counter(
-            "wattproxy_requests", "Requests proxied, by the status code the client got.",
-            ("upstream", "model", "task", "code"), registry=r,
-        )  # fmt: skip
+            "wattproxy_requests",
+            "Requests proxied, by the status code the client got.",
+            ("upstream", "model", "task", "code"),
+            registry=r,
+        )
         self.duration = Histogram(
-            "wattproxy_request_duration_seconds", "Request duration through the proxy.",
-            ("upstream", "task"), buckets=DURATION_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            "wattproxy_request_duration_seconds",
+            "Request duration through the proxy.",
+            ("upstream", "task"),
+            buckets=DURATION_BUCKETS_S,
+            registry=r,
+        )
         self.ttfb = Histogram(
-            "wattproxy_time_to_first_byte_seconds", "Time to the first response byte.",
-            ("upstream", "task"), buckets=TTFB_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            "wattproxy_time_to_first_byte_seconds",
+            "Time to the first response byte.",
+            ("upstream", "task"),
+            buckets=TTFB_BUCKETS_S,
+            registry=r,
+        )
         self.tokens = Counter(
-            "wattproxy_tokens", "Tokens processed, by type (prompt, completion).",
-            ("upstream", "model", "task", "type"), registry=r,
-        )  # fmt: skip
+            "wattproxy_tokens",
+            "Tokens processed, by type (prompt, completion).",
+            ("upstream", "model", "task", "type"),
+            registry=r,
+        )
         self.energy = Counter(
-            "wattproxy_energy_joules", "Energy of finished requests, measured or estimated.",
-            ("upstream", "model", "task", "source", *user), registry=r,
-        )  # fmt: skip
+            "wattproxy_energy_joules",
+            "Energy of finished requests, measured or estimated.",
+            ("upstream", "model", "task", "source", *user),
+            registry=r,
+        )
         self.co2e = Counter(
-            "wattproxy_co2e_grams", "Grams CO2e of finished requests, measured or estimated.",
-            ("upstream", "model", "task", "source", *user), registry=r,
-        )  # fmt: skip
+            "wattproxy_co2e_grams",
+            "Grams CO2e of finished requests, measured or estimated.",
+            ("upstream", "model", "task", "source", *user),
+            registry=r,
+        )
         self.request_energy = Histogram(
-            "wattproxy_request_energy_joules", "Energy per finished request.",
-            ("task",), buckets=ENERGY_BUCKETS_J, registry=r,
-        )  # fmt: skip
+            "wattproxy_request_energy_joules",
+            "Energy per finished request.",
+            ("task",),
+            buckets=ENERGY_BUCKETS_J,
+            registry=r,
+        )
         self.device_energy = Counter(
-            "wattproxy_device_energy_joules", "Energy the meter measured on each device.",
-            ("device",), registry=r,
-        )  # fmt: skip
+            "wattproxy_device_energy_joules",
+            "Energy the meter measured on each device.",
+            ("device",),
+            registry=r,
+        )
         self.attributed_energy = Counter(
             "wattproxy_attributed_energy_joules",
             "Measured device energy charged to requests (device = attributed + unattributed).",
-            ("device",), registry=r,
-        )  # fmt: skip
+            ("device",),
+            registry=r,
+        )
         self.unattributed_energy = Counter(
             "wattproxy_unattributed_energy_joules",
             "Measured device energy charged to no request: idle power, or no request in flight.",
-            ("device", "reason"), registry=r,
-        )  # fmt: skip
+            ("device", "reason"),
+            registry=r,
+        )
         self.device_power = Gauge(
             "wattproxy_device_power_watts", "Latest device power.", ("device",), registry=r
         )
         self.grid_intensity = Gauge(
             "wattproxy_grid_carbon_intensity_grams_per_kwh",
-            "Grid carbon intensity applied to energy drawn now.", ("zone",), registry=r,
-        )  # fmt: skip
+            "Grid carbon intensity applied to energy drawn now.",
+            ("zone",),
+            registry=r,
+        )
         self.carbon_provider = Gauge(
             "wattproxy_carbon_provider_info",
             "The carbon-intensity provider in use (1) and whether it fell back to the table.",
-            ("provider", "zone", "fallback"), registry=r,
-        )  # fmt: skip
+            ("provider", "zone", "fallback"),
+            registry=r,
+        )
         self.inflight = Gauge(
             "wattproxy_inflight_requests", "Requests in flight.", ("upstream",), registry=r
         )
         self.meter_up = Gauge(
-            "wattproxy_meter_up", "1 when the device's last read succeeded.",
-            ("device", "kind"), registry=r,
-        )  # fmt: skip
+            "wattproxy_meter_up",
+            "1 when the device's last read succeeded.",
+            ("device", "kind"),
+            registry=r,
+        )
         self.ledger_errors = Counter(
-            "wattproxy_ledger_errors", "Ledger writes that failed (records then spooled).",
-            ("backend",), registry=r,
-        )  # fmt: skip
+            "wattproxy_ledger_errors",
+            "Ledger writes that failed (records then spooled).",
+            ("backend",),
+            registry=r,
+        )
         self.ledger_backlog = Gauge(
-            "wattproxy_ledger_backlog_records", "Records waiting to reach the ledger.",
-            ("backend",), registry=r,
-        )  # fmt: skip
+            "wattproxy_ledger_backlog_records",
+            "Records waiting to reach the ledger.",
+            ("backend",),
+            registry=r,
+        )
         self.budget_rejections = Counter(
-            "wattproxy_budget_rejections", "Requests refused for an exhausted carbon budget.",
-            ("scope",), registry=r,
-        )  # fmt: skip
+            "wattproxy_budget_rejections",
+            "Requests refused for an exhausted carbon budget.",
+            ("scope",),
+            registry=r,
+        )
         self.estimator_error = Histogram(
             "wattproxy_estimator_relative_error",
             "|estimate - measured| / measured of the calibrated estimator, before each update.",
-            buckets=RELATIVE_ERROR_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=RELATIVE_ERROR_BUCKETS,
+            registry=r,
+        )
 
     def energy_labels(
         self, upstream: str, model: str | None, task: str, source: str, user: str

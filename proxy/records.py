@@ -8,9 +8,22 @@ from typing import Any
 
 #: The SPEC's record fields, in its order; ``to_dict`` emits these first.
 SPEC_FIELDS = (
-    "request_id", "user", "team", "upstream", "model", "task", "status", "started_at",
-    "ended_at", "prompt_tokens", "completion_tokens", "energy_j", "co2e_g", "source", "final",
-)  # fmt: skip
+    "request_id",
+    "user",
+    "team",
+    "upstream",
+    "model",
+    "task",
+    "status",
+    "started_at",
+    "ended_at",
+    "prompt_tokens",
+    "completion_tokens",
+    "energy_j",
+    "co2e_g",
+    "source",
+    "final",
+)
 
 
 def utc_iso(ts: datetime) -> str:

@@ -126,8 +126,15 @@ def build_summary(start: date, end: date, rows: Sequence[AggregateRow]) -> dict[
     }
 
 
-CSV_FIELDS = ("key", "requests", "energy_j", "co2e_g", "prompt_tokens", "completion_tokens",
-              "measured_share")  # fmt: skip
+CSV_FIELDS = (
+    "key",
+    "requests",
+    "energy_j",
+    "co2e_g",
+    "prompt_tokens",
+    "completion_tokens",
+    "measured_share",
+)
 
 
 def report_csv(report: dict[str, Any]) -> str:

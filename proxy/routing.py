@@ -61,6 +61,6 @@ class Router:
         return None
 
     def needs_model(self, path: str) -> bool:
-        """Whether routing ``path`` depends on the body's model (several candidates, or a filter)."""
+        """Whether routing ``path`` depends on the body's model (several candidates or a filter)."""
         candidates = self.candidates(path)
         return len(candidates) > 1 or any(u.models != ["*"] for u in candidates)

@@ -27,7 +27,9 @@ def _ssl_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-async def run(cfg: Config, config_path: str | None = None, ready: asyncio.Event | None = None) -> None:
+async def run(
+    cfg: Config, config_path: str | None = None, ready: asyncio.Event | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT."""
     app = create_app(cfg)
     runner = web.AppRunner(
@@ -61,8 +63,9 @@ async def run(cfg: Config, config_path: str | None = None, ready: asyncio.Event 
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: finishing in-flight requests (up to %ss)",
-                 cfg.listen.shutdown_grace_s)  # fmt: skip
+        log.info(
+            "shutting down: finishing in-flight requests (up to %ss)", cfg.listen.shutdown_grace_s
+        )
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()
@@ -71,9 +74,8 @@ async def run(cfg: Config, config_path: str | None = None, ready: asyncio.Event 
 def serve(cfg: Config, config_path: str | None = None) -> int:
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is optional
-        runner = asyncio.run
-    runner(run(cfg, config_path))
+        asyncio.run(run(cfg, config_path))
+    else:
+        uvloop.run(run(cfg, config_path))
     return 0

@@ -112,10 +112,12 @@ class StandIn:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         doc = await self._body(request)
         text = "\n".join(
-            m["content"] if isinstance(m.get("content"), str) else
-            " ".join(c.get("text", "") for c in m.get("content", []) if isinstance(c, dict))
-            for m in doc.get("messages", []) if isinstance(m, dict)
-        )  # fmt: skip
+            m["content"]
+            if isinstance(m.get("content"), str)
+            else " ".join(c.get("text", "") for c in m.get("content", []) if isinstance(c, dict))
+            for m in doc.get("messages", [])
+            if isinstance(m, dict)
+        )
         return await self._generate(request, doc, text, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -130,14 +132,19 @@ class StandIn:
         model = str(doc.get("model", "stand-in"))
         task = self._task(model, "text-generation")
         lat = self.latency.get(task, Latency())
-        n = int(doc.get("max_tokens") or doc.get("max_completion_tokens") or self.default_max_tokens)
+        n = int(
+            doc.get("max_tokens") or doc.get("max_completion_tokens") or self.default_max_tokens
+        )
         prompt_tokens = count_tokens(prompt)
         words = [f"w{i}" for i in range(n)]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:16]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n,
-                 "completion_tokens": n}  # fmt: skip
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens + n,
+            "completion_tokens": n,
+        }
         await self._sleep(lat.prefill_s)
         if not doc.get("stream"):
             await self._sleep(lat.per_token_s * n)
@@ -147,18 +154,32 @@ class StandIn:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
-            body = {"id": rid, "object": obj, "created": created, "model": model,
-                    "choices": [choice], "usage": usage}  # fmt: skip
+            body = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": usage,
+            }
             return web.Response(text=_dumps(body), content_type="application/json")
         include_usage = bool((doc.get("stream_options") or {}).get("include_usage"))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
-        base = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
-                "model": model}  # fmt: skip
+        base = {
+            "id": rid,
+            "object": obj + ".chunk" if chat else obj,
+            "created": created,
+            "model": model,
+        }
         try:
             if chat:
-                first = {"index": 0, "delta": {"role": "assistant", "content": ""},
-                         "logprobs": None, "finish_reason": None}  # fmt: skip
+                first = {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
                 await self._event(resp, {**base, "choices": [first]})
             for i, word in enumerate(words):
                 await self._sleep(lat.per_token_s)
@@ -199,12 +220,23 @@ class StandIn:
         items = inputs if isinstance(inputs, list) else [inputs]
         tokens = sum(count_tokens(str(x)) for x in items)
         await self._sleep(self.latency["feature-extraction"].prefill_s)
-        data = [{"index": i, "object": "embedding", "embedding": [0.1, -0.2, 0.3]}
-                for i in range(len(items))]  # fmt: skip
-        body = {"id": "embd-" + uuid.uuid4().hex[:16], "object": "list",
-                "created": int(time.time()), "model": doc.get("model", "stand-in"), "data": data,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
-                          "completion_tokens": 0, "prompt_tokens_details": None}}  # fmt: skip
+        data = [
+            {"index": i, "object": "embedding", "embedding": [0.1, -0.2, 0.3]}
+            for i in range(len(items))
+        ]
+        body = {
+            "id": "embd-" + uuid.uuid4().hex[:16],
+            "object": "list",
+            "created": int(time.time()),
+            "model": doc.get("model", "stand-in"),
+            "data": data,
+            "usage": {
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
+        }
         return web.Response(text=_dumps(body), content_type="application/json")
 
     async def classify(self, request: web.Request) -> web.Response:
@@ -213,12 +245,23 @@ class StandIn:
         items = inputs if isinstance(inputs, list) else [inputs]
         tokens = sum(count_tokens(str(x)) for x in items)
         await self._sleep(self.latency["text-classification"].prefill_s)
-        data = [{"index": i, "label": "positive", "probs": [0.1, 0.9], "num_classes": 2}
-                for i in range(len(items))]  # fmt: skip
-        body = {"id": "classify-" + uuid.uuid4().hex[:16], "object": "list",
-                "created": int(time.time()), "model": doc.get("model", "stand-in"), "data": data,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
-                          "completion_tokens": 0, "prompt_tokens_details": None}}  # fmt: skip
+        data = [
+            {"index": i, "label": "positive", "probs": [0.1, 0.9], "num_classes": 2}
+            for i in range(len(items))
+        ]
+        body = {
+            "id": "classify-" + uuid.uuid4().hex[:16],
+            "object": "list",
+            "created": int(time.time()),
+            "model": doc.get("model", "stand-in"),
+            "data": data,
+            "usage": {
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
+        }
         return web.Response(text=_dumps(body), content_type="application/json")
 
     async def images(self, request: web.Request) -> web.Response:

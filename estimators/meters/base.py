@@ -31,7 +31,7 @@ class Reading:
 
 
 class Meter(abc.ABC):
-    """A source of cumulative device energy. ``read`` may block: the sampler calls it in a thread."""
+    """A source of cumulative device energy. ``read`` may block: the sampler runs it in a thread."""
 
     kind: str = "abstract"
 

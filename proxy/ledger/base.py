@@ -62,9 +62,11 @@ class Ledger(abc.ABC):
     async def used_g(self, scope: str, key: str, start_day: str, end_day: str) -> float:
         """Grams CO2e a user or team used in the period (budgets)."""
         rows = await self.aggregates(
-            start_day, end_day, user=key if scope == "user" else None,
+            start_day,
+            end_day,
+            user=key if scope == "user" else None,
             team=key if scope == "team" else None,
-        )  # fmt: skip
+        )
         return sum(r.co2e_g for r in rows)
 
     async def ping(self) -> bool:

@@ -127,11 +127,19 @@ class SQLiteLedger(Ledger):
                     conn.execute(
                         UPSERT_DAILY,
                         (
-                            r.day, r.user, r.team or "", r.task, r.model or "", r.upstream,
-                            r.energy_j, r.co2e_g, r.prompt_tokens or 0, r.completion_tokens or 0,
+                            r.day,
+                            r.user,
+                            r.team or "",
+                            r.task,
+                            r.model or "",
+                            r.upstream,
+                            r.energy_j,
+                            r.co2e_g,
+                            r.prompt_tokens or 0,
+                            r.completion_tokens or 0,
                             measured,
                         ),
-                    )  # fmt: skip
+                    )
             self._writes += 1
             if self._writes % 1000 == 0:
                 self._prune(conn)
@@ -185,10 +193,19 @@ class SQLiteLedger(Ledger):
             raise LedgerError(f"SQLite ledger {self.path}: {e}") from e
         return [
             AggregateRow(
-                day=r[0], user=r[1], team=r[2] or None, task=r[3], model=r[4] or None,
-                upstream=r[5], requests=r[6], energy_j=r[7], co2e_g=r[8], prompt_tokens=r[9],
-                completion_tokens=r[10], measured_energy_j=r[11],
-            )  # fmt: skip
+                day=r[0],
+                user=r[1],
+                team=r[2] or None,
+                task=r[3],
+                model=r[4] or None,
+                upstream=r[5],
+                requests=r[6],
+                energy_j=r[7],
+                co2e_g=r[8],
+                prompt_tokens=r[9],
+                completion_tokens=r[10],
+                measured_energy_j=r[11],
+            )
             for r in rows
         ]
 

@@ -52,6 +52,23 @@ class Usage:
             self.tokens_source = "server"
 
 
+@dataclass(slots=True)
+class RequestPlan:
+    """What the proxy learned from a JSON request body, and the body to send upstream
+    (``body`` is set only when the proxy had to change it, e.g. to ask for usage)."""
+
+    model: str | None = None
+    stream: bool = False
+    inject_usage: bool = False
+    body: bytes | None = None  # replacement body, when it had to change
+    prompt_text: str = ""
+    messages: list[Any] | None = None
+    max_tokens: int | None = None
+    images: int | None = None
+    end_user: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class StreamUsage:
     """Interface of an incremental response parser.
 
@@ -71,6 +88,11 @@ class StreamUsage:
 
     def finish(self) -> Usage:
         return Usage()
+
+    @property
+    def text(self) -> str:
+        """Generated text collected for counting with a tokenizer (empty if not collected)."""
+        return ""
 
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.usage.base import SSEFramer, StreamUsage, Usage, parse_json, sse_data
+from proxy.usage.base import RequestPlan, SSEFramer, StreamUsage, Usage, parse_json, sse_data
 
 STREAM_USAGE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 #: Streamed text kept for counting with a tokenizer when the server sends no usage.
@@ -23,22 +22,6 @@ MAX_COLLECTED_TEXT = 1024 * 1024
 
 _CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
-
-
-@dataclass(slots=True)
-class OpenAIRequest:
-    """What the proxy learned from a JSON request body, and the body to send upstream."""
-
-    model: str | None = None
-    stream: bool = False
-    inject_usage: bool = False
-    body: bytes | None = None  # replacement body, when it had to change
-    prompt_text: str = ""
-    messages: list[Any] | None = None
-    max_tokens: int | None = None
-    images: int | None = None
-    end_user: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _prompt_text(doc: dict[str, Any]) -> str:
@@ -62,14 +45,16 @@ def _prompt_text(doc: dict[str, Any]) -> str:
             parts.append(content)
         elif isinstance(content, list):
             parts.extend(
-                c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text"
+                c.get("text", "")
+                for c in content
+                if isinstance(c, dict) and c.get("type") == "text"
             )
     return "\n".join(parts)
 
 
-def plan_openai_request(path: str, doc: Any) -> OpenAIRequest:
+def plan_openai_request(path: str, doc: Any) -> RequestPlan:
     """Read model, stream flag and prompt from a parsed JSON body; add include_usage if needed."""
-    plan = OpenAIRequest()
+    plan = RequestPlan()
     if not isinstance(doc, dict):
         return plan
     model = doc.get("model")
@@ -208,3 +193,12 @@ def usage_from_body(path: str, doc: Any) -> Usage:
     if path.endswith("/images/generations") and isinstance(doc.get("data"), list):
         usage.images = len(doc["data"])
     return usage
+
+
+def stream_parser(
+    path: str, content_type: str, plan: RequestPlan, collect_text: bool
+) -> StreamUsage | None:
+    """The SSE parser for OpenAI-style streams."""
+    if content_type != "text/event-stream":
+        return None
+    return OpenAISSE(strip_usage=plan.inject_usage, collect_text=collect_text)
