@@ -60,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
+    from estimators.errors import MeterError
     from proxy.server import serve
 
     try:
@@ -67,6 +68,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
+    except MeterError as e:
+        print(f"wattproxy: meter.kind {cfg.meter.kind!r} cannot start: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(
             f"wattproxy: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {e.strerror or e}",

@@ -1,0 +1,69 @@
+"""Shared fixtures: a stand-in inference server and a wattproxy in front of it, both on real
+loopback sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from estimators.meters.base import Meter
+from proxy.app import PARTS, Parts, create_app
+from proxy.config import Config, parse_config
+from proxy.ledger.base import Ledger
+from proxy.standin import StandIn
+
+
+def proxy_config(upstream_url: str, tmp_path: Path, **sections: Any) -> Config:
+    """A config for tests: one upstream, the simulated meter at 20 ms, a ledger in tmp_path."""
+    doc: dict[str, Any] = {
+        "upstreams": [{"name": "llm", "url": upstream_url}],
+        "meter": {"kind": "simulated", "interval_ms": 20},
+        "ledger": {
+            "url": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "flush_interval_ms": 20,
+            "spool_path": str(tmp_path / "spool.jsonl"),
+        },
+    }
+    doc.update(sections)
+    return parse_config(doc, "test", environ={})
+
+
+@pytest.fixture
+def standin() -> StandIn:
+    """A vLLM-flavoured stand-in with no artificial latency."""
+    return StandIn(flavor="vllm", scale=0.0)
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any, standin: StandIn) -> TestServer:
+    server: TestServer = await aiohttp_server(standin.app())
+    return server
+
+
+def url_of(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+ProxyFactory = Callable[..., Awaitable[tuple[TestServer, Parts]]]
+
+
+@pytest.fixture
+def make_proxy(aiohttp_server: Any) -> ProxyFactory:
+    """``await make_proxy(cfg, meter=..., ledger=...)`` -> (server, parts), on a real port."""
+
+    async def make(
+        cfg: Config, meter: Meter | None = None, ledger: Ledger | None = None
+    ) -> tuple[TestServer, Parts]:
+        app: web.Application = create_app(
+            cfg, meter=meter, ledger=ledger, registry=CollectorRegistry()
+        )
+        server: TestServer = await aiohttp_server(app)
+        return server, app[PARTS]
+
+    return make

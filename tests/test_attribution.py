@@ -1,0 +1,278 @@
+"""The attribution engine: per device, attributed + unattributed == measured, always."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from estimators.attribution import (
+    AttributionEngine,
+    IdlePolicy,
+    Weighting,
+    WorkProfile,
+    split_interval,
+)
+
+REL = 1e-6
+
+
+def assert_conserved(engine: AttributionEngine, flights_j: dict[str, float]) -> None:
+    for device, t in engine.devices.items():
+        total = t.attributed_j + t.idle_j + t.no_requests_j
+        assert math.isclose(total, t.measured_j, rel_tol=REL, abs_tol=1e-9), device
+    charged = sum(flights_j.values())
+    attributed = sum(t.attributed_j for t in engine.devices.values())
+    assert math.isclose(charged, attributed, rel_tol=REL, abs_tol=1e-9)
+
+
+# -- split_interval ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("energy", "duration", "weights", "idle_w", "policy", "expected", "idle", "none"),
+    [
+        (10.0, 1.0, {}, 0.0, IdlePolicy.EXCLUDE, {}, 0.0, 10.0),
+        (10.0, 1.0, {"a": 1.0}, 4.0, IdlePolicy.EXCLUDE, {"a": 6.0}, 4.0, 0.0),
+        (10.0, 1.0, {"a": 1.0}, 4.0, IdlePolicy.INCLUDE, {"a": 10.0}, 0.0, 0.0),
+        (10.0, 1.0, {"a": 1.0, "b": 3.0}, 2.0, IdlePolicy.EXCLUDE, {"a": 2.0, "b": 6.0}, 2.0, 0),
+        (3.0, 1.0, {"a": 1.0}, 5.0, IdlePolicy.EXCLUDE, {}, 3.0, 0.0),  # idle caps at energy
+        (6.0, 1.0, {"a": 0.0, "b": 0.0}, 0.0, IdlePolicy.EXCLUDE, {"a": 3.0, "b": 3.0}, 0, 0),
+        (0.0, 1.0, {"a": 1.0}, 0.0, IdlePolicy.EXCLUDE, {"a": 0.0}, 0.0, 0.0),
+    ],
+)
+def test_split_interval_table(
+    energy: float,
+    duration: float,
+    weights: dict[str, float],
+    idle_w: float,
+    policy: IdlePolicy,
+    expected: dict[str, float],
+    idle: float,
+    none: float,
+) -> None:
+    split = split_interval(energy, duration, weights, idle_w, policy)
+    got = {k: v for k, v in split.attributed_j.items() if v or k in expected}
+    assert got == pytest.approx(expected)
+    assert split.idle_j == pytest.approx(idle)
+    assert split.no_requests_j == pytest.approx(none)
+
+
+@given(
+    energy=st.floats(0, 1e6),
+    duration=st.floats(0, 10),
+    weights=st.dictionaries(st.text(min_size=1, max_size=4), st.floats(0, 1e6), max_size=20),
+    idle_w=st.floats(0, 1e4),
+    policy=st.sampled_from(list(IdlePolicy)),
+)
+def test_split_interval_conserves(
+    energy: float,
+    duration: float,
+    weights: dict[str, float],
+    idle_w: float,
+    policy: IdlePolicy,
+) -> None:
+    split = split_interval(energy, duration, weights, idle_w, policy)
+    total = sum(split.attributed_j.values()) + split.idle_j + split.no_requests_j
+    assert math.isclose(total, energy, rel_tol=REL, abs_tol=1e-9)
+    assert all(v >= 0 for v in split.attributed_j.values())
+
+
+# -- the engine under random interleavings -------------------------------------------------
+
+event = st.tuples(
+    st.sampled_from(["start", "first_byte", "tokens", "end", "sample", "prompt"]),
+    st.integers(0, 7),  # request index
+    st.floats(0.0, 0.5),  # time step
+    st.floats(0.0, 500.0),  # energy or tokens
+    st.sampled_from(["gpu0", "gpu1"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(event, max_size=80),
+    weighting=st.sampled_from(list(Weighting)),
+    idle=st.sampled_from(list(IdlePolicy)),
+    idle_w=st.one_of(st.none(), st.floats(0, 300)),
+)
+def test_invariant_under_any_interleaving(
+    events: list[tuple[str, int, float, float, str]],
+    weighting: Weighting,
+    idle: IdlePolicy,
+    idle_w: float | None,
+) -> None:
+    engine = AttributionEngine(weighting, idle, idle_w)
+    t = 0.0
+    started: dict[str, bool] = {}
+    finals: dict[str, float] = {}
+    for kind, i, dt, value, device in events:
+        t += dt
+        rid = f"r{i}"
+        if kind == "start" and rid not in started:
+            devices = ["gpu0", "gpu1"] if i % 3 == 0 else [device]
+            profile = WorkProfile(value, 0.1, 1.0, value + 1.0, token_stream=i % 2 == 0)
+            engine.start(rid, devices, t, profile)
+            started[rid] = False
+        elif kind == "first_byte":
+            engine.first_byte(rid, t)
+        elif kind == "tokens":
+            engine.tokens(rid, int(value) % 7)
+        elif kind == "prompt":
+            engine.set_prompt_tokens(rid, value)
+        elif kind == "end" and rid in started and not started[rid]:
+            engine.end(rid, t)
+            started[rid] = True
+        elif kind == "sample":
+            _, done = engine.sample(device, t, value, g_per_j=0.001)
+            for f in done:
+                assert f.final
+                assert f.request_id not in finals, "a request finalized twice"
+                finals[f.request_id] = f.energy_j
+    in_flight = {rid: f.energy_j for rid, f in engine._flights.items()}
+    assert not set(in_flight) & set(finals)
+    assert_conserved(engine, {**finals, **in_flight})
+    for f in engine._flights.values():
+        assert f.energy_j >= 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    seed=st.integers(0, 10_000),
+    weighting=st.sampled_from(list(Weighting)),
+)
+def test_order_independence(n: int, seed: int, weighting: Weighting) -> None:
+    """The same requests registered in any order get the same joules."""
+    rng = random.Random(seed)
+    reqs = [
+        (f"r{i}", rng.uniform(0, 1), rng.uniform(1.0, 3.0), rng.uniform(1, 500), rng.randint(0, 60))
+        for i in range(n)
+    ]
+    samples = [(0.2 * k, rng.uniform(0, 400)) for k in range(1, 21)]
+
+    def run(order: list[int]) -> dict[str, float]:
+        engine = AttributionEngine(weighting, IdlePolicy.EXCLUDE, 30.0)
+        engine.sample("gpu0", 0.0, 0.0)
+        events: list[tuple[float, int, str, int]] = []
+        for idx in order:
+            _rid, start, end, _p, _tok = reqs[idx]
+            events.append((start, 0, "start", idx))
+            events.append((end, 2, "end", idx))
+        for k, (ts, _e) in enumerate(samples):
+            events.append((ts, 1, "sample", k))
+        events.sort(key=lambda e: (e[0], e[1]))
+        energies: dict[str, float] = {}
+        for ts, _prio, kind, idx in events:
+            if kind == "start":
+                rid, _s, _e, prompt, tokens = reqs[idx]
+                engine.start(rid, ["gpu0"], ts, WorkProfile(prompt, 0.1, 1.0, 5.0, tokens > 30))
+                engine.first_byte(rid, ts + 0.1)
+            elif kind == "end":
+                rid, *_ = reqs[idx]
+                engine.tokens(rid, reqs[idx][4])
+                engine.end(rid, ts)
+            else:
+                _, done = engine.sample("gpu0", ts, samples[idx][1])
+                energies.update({f.request_id: f.energy_j for f in done})
+        energies.update({rid: f.energy_j for rid, f in engine._flights.items()})
+        return energies
+
+    order = list(range(n))
+    shuffled = order[:]
+    rng.shuffle(shuffled)
+    a, b = run(order), run(shuffled)
+    assert a.keys() == b.keys()
+    for rid in a:
+        assert a[rid] == pytest.approx(b[rid], rel=1e-9, abs=1e-9)
+
+
+# -- specific behaviours -------------------------------------------------------------------
+
+
+def test_time_weighting_splits_by_overlap() -> None:
+    engine = AttributionEngine(Weighting.TIME, IdlePolicy.INCLUDE)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.start("a", ["gpu0"], 0.0, WorkProfile())
+    engine.start("b", ["gpu0"], 0.5, WorkProfile())
+    _, done = engine.sample("gpu0", 1.0, 150.0)
+    assert done == []
+    assert engine.flight("a").energy_j == pytest.approx(100.0)  # 1.0 s of 1.5 s
+    assert engine.flight("b").energy_j == pytest.approx(50.0)
+
+
+def test_request_final_only_after_a_sample_covers_its_end() -> None:
+    engine = AttributionEngine(Weighting.TIME, IdlePolicy.INCLUDE)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.start("a", ["gpu0"], 0.1, WorkProfile())
+    engine.end("a", 0.5)
+    assert not engine.flight("a").final
+    _, done = engine.sample("gpu0", 1.0, 90.0)
+    assert [f.request_id for f in done] == ["a"]
+    assert done[0].final
+    assert done[0].energy_j == pytest.approx(90.0)  # alone: all of it, idle included
+    assert engine.flight("a") is None
+
+
+def test_multi_device_request_waits_for_every_device() -> None:
+    engine = AttributionEngine(Weighting.TIME, IdlePolicy.INCLUDE)
+    for d in ("gpu0", "gpu1"):
+        engine.sample(d, 0.0, 0.0)
+    engine.start("tp", ["gpu0", "gpu1"], 0.0, WorkProfile())
+    engine.end("tp", 0.5)
+    _, done = engine.sample("gpu0", 1.0, 10.0)
+    assert done == []
+    _, done = engine.sample("gpu1", 1.0, 30.0)
+    assert [f.request_id for f in done] == ["tp"]
+    assert done[0].energy_j == pytest.approx(40.0)
+
+
+def test_idle_excluded_and_learned_from_quiet_intervals() -> None:
+    engine = AttributionEngine(Weighting.TIME, IdlePolicy.EXCLUDE, idle_power_w=None)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.sample("gpu0", 1.0, 50.0)  # quiet: 50 W idle learned
+    engine.start("a", ["gpu0"], 1.0, WorkProfile())
+    engine.sample("gpu0", 2.0, 250.0)
+    assert engine.flight("a").energy_j == pytest.approx(200.0)
+    t = engine.devices["gpu0"]
+    assert t.idle_j == pytest.approx(50.0)
+    assert t.no_requests_j == pytest.approx(50.0)
+
+
+def test_work_weighting_charges_decode_tokens_where_they_were_emitted() -> None:
+    engine = AttributionEngine(Weighting.WORK, IdlePolicy.INCLUDE)
+    engine.sample("gpu0", 0.0, 0.0)
+    stream = WorkProfile(prompt_tokens=0, token_stream=True)
+    engine.start("fast", ["gpu0"], 0.0, stream)
+    engine.start("slow", ["gpu0"], 0.0, stream)
+    engine.first_byte("fast", 0.0)
+    engine.first_byte("slow", 0.0)
+    engine.tokens("fast", 30)
+    engine.tokens("slow", 10)
+    engine.sample("gpu0", 1.0, 400.0)
+    assert engine.flight("fast").energy_j == pytest.approx(300.0)
+    assert engine.flight("slow").energy_j == pytest.approx(100.0)
+
+
+def test_co2_uses_the_intensity_of_each_interval() -> None:
+    engine = AttributionEngine(Weighting.TIME, IdlePolicy.INCLUDE)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.start("a", ["gpu0"], 0.0, WorkProfile())
+    engine.sample("gpu0", 1.0, 100.0, g_per_j=0.001)
+    engine.sample("gpu0", 2.0, 100.0, g_per_j=0.003)
+    assert engine.flight("a").co2e_g == pytest.approx(0.1 + 0.3)
+
+
+def test_gap_marks_flights_and_drop_device_releases_ended_ones() -> None:
+    engine = AttributionEngine()
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.start("a", ["gpu0"], 0.0, WorkProfile())
+    engine.end("a", 0.5)
+    engine.gap("gpu0", 1.0)
+    assert engine.flight("a").gaps == 1
+    done = engine.drop_device("gpu0", 6.0)
+    assert [f.request_id for f in done] == ["a"]
+    assert done[0].gaps >= 1
