@@ -9,6 +9,7 @@ A request is ``measured`` when every interval of its life on its devices was rea
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -77,6 +78,10 @@ class Accountant:
         self.down_after_s = down_after_s
         self.requests: dict[str, OpenRequest] = {}
         self._load: dict[str, Counter[str]] = {d: Counter() for d in self.meter_devices}
+        # cumulative request-seconds per device and task: the simulated meter's input
+        self._busy_s: dict[str, dict[str, float]] = {d: {} for d in self.meter_devices}
+        self._busy_t_s: dict[str, float] = {}
+        self._busy_lock = threading.Lock()
         self._last_energy_j: dict[str, float] = {}
         self._down_since: dict[str, float] = {}
         self._inflight: Counter[str] = Counter()
@@ -114,8 +119,7 @@ class Accountant:
             self.engine.start(
                 record.request_id, metered, now, self.estimator.profile(shape, token_stream=stream)
             )
-            for d in metered:
-                self._load[d][record.task] += 1
+            self._change_load(metered, record.task, +1, now)
         self._inflight[record.upstream] += 1
         self.metrics.inflight.labels(record.upstream).inc()
         return req
@@ -174,8 +178,7 @@ class Accountant:
             return
         if usage.prompt_tokens is not None:
             self.engine.set_prompt_tokens(rec.request_id, usage.prompt_tokens)
-        for d in req.devices:
-            self._load[d][rec.task] -= 1
+        self._change_load(req.devices, rec.task, -1, now)
         flight = self.engine.end(rec.request_id, now)
         if flight is not None and flight.final:
             self._finalize(req, flight)
@@ -194,9 +197,29 @@ class Accountant:
         rec.final = False
         return rec
 
-    def load(self) -> dict[str, dict[str, int]]:
-        """Device -> task -> requests in flight (the simulated meter's input)."""
-        return {d: {t: n for t, n in c.items() if n > 0} for d, c in self._load.items()}
+    def _advance(self, device: str, now: float) -> None:
+        last = self._busy_t_s.get(device, now)
+        self._busy_t_s[device] = now
+        if now > last:
+            busy = self._busy_s.setdefault(device, {})
+            for task, n in self._load[device].items():
+                if n > 0:
+                    busy[task] = busy.get(task, 0.0) + n * (now - last)
+
+    def _change_load(self, devices: Iterable[str], task: str, delta: int, now: float) -> None:
+        with self._busy_lock:
+            for d in devices:
+                self._advance(d, now)
+                self._load[d][task] += delta
+
+    def load(self) -> dict[str, dict[str, float]]:
+        """Device -> task -> cumulative seconds of requests in flight (the simulated meter's
+        input). Called from the meter's thread, hence the lock."""
+        now = self.clock()
+        with self._busy_lock:
+            for d in self._load:
+                self._advance(d, now)
+            return {d: dict(b) for d, b in self._busy_s.items()}
 
     # -- the meter side ---------------------------------------------------------------------
 
@@ -206,7 +229,8 @@ class Accountant:
         m = self.metrics
         for device, total_j in reading.energy_j.items():
             if device not in self._load:
-                self._load[device] = Counter()
+                with self._busy_lock:
+                    self._load[device] = Counter()
                 self.meter_devices.append(device)
             self._down_since.pop(device, None)
             last = self._last_energy_j.get(device)

@@ -26,11 +26,13 @@ from estimators.sampler import Sampler
 from estimators.units import J_PER_KWH
 from proxy.accounting import Accountant
 from proxy.background import Background
+from proxy.budgets import Budgets
 from proxy.config import Config, UpstreamConfig
 from proxy.emissions import Emissions, RecentRecords
 from proxy.forward import Forwarder
 from proxy.identity import IdentityResolver, KeyStore
 from proxy.ledger.base import Ledger, open_ledger
+from proxy.ledger.spool import Spool
 from proxy.ledger.writer import LedgerWriter
 from proxy.metrics import Metrics, metrics_handler
 from proxy.records import RequestRecord
@@ -63,6 +65,7 @@ class Parts:
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     background: Background = field(default_factory=Background)
     g_per_j: float = 0.0
+    budgets: Budgets | None = None
 
 
 PARTS = web.AppKey("wattproxy_parts", Parts)
@@ -105,13 +108,20 @@ def build_parts(
         ledger if ledger is not None else open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
     )
     writer = LedgerWriter(
-        ledger, metrics, cfg.ledger.batch_size, cfg.ledger.flush_interval_ms / 1000.0
+        ledger,
+        metrics,
+        cfg.ledger.batch_size,
+        cfg.ledger.flush_interval_ms / 1000.0,
+        spool=Spool(cfg.ledger.spool_path, cfg.ledger.spool_max_bytes),
     )
     recent = RecentRecords()
+    budgets = Budgets(cfg.budgets, ledger)
 
     def sink(record: RequestRecord) -> None:
         recent.add(record)
         writer.submit(record)
+        if budgets.enabled:
+            budgets.observe(record)
 
     holder: dict[str, Accountant] = {}
     meter = (
@@ -149,6 +159,7 @@ def build_parts(
         sampler=sampler,
         counters=counters,
         g_per_j=g_per_j,
+        budgets=budgets,
     )
     for device in meter.devices():
         metrics.meter_up.labels(device, meter.kind).set(0)
@@ -258,6 +269,9 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
         parts.identity,
         parts.metrics,
         counters=parts.counters,
+        budget_check=(
+            parts.budgets.check if parts.budgets is not None and parts.budgets.enabled else None
+        ),
         upstream_keys={
             u.name: os.environ.get(u.api_key_env, "") for u in cfg.upstreams if u.api_key_env
         },

@@ -104,6 +104,8 @@ class MeterConfig(_Model):
     rapl_root: str = "/sys/class/powercap"
     #: simulated meter only: idle watts of the simulated device
     simulated_idle_w: float = Field(60.0, ge=0)
+    #: simulated meter only: relative standard deviation of its seeded power noise
+    simulated_noise: float = Field(0.02, ge=0, le=0.5)
 
 
 class AttributionConfig(_Model):

@@ -231,29 +231,31 @@ class Forwarder:
             images=plan.images,
         )
         status = 502
-        usage = Usage()
         outcome = "ok"
         relay: Relay | None = None
+        resp: aiohttp.ClientResponse | None = None
         try:
-            resp = await self._send(request, upstream, rid, data)
-        except ProxyError as err:
-            outcome = "upstream_timeout" if err.status == 504 else "upstream_unavailable"
-            if isinstance(err, PayloadTooLarge):
-                outcome = "payload_too_large"
-            self.accountant.end(req, err.status, usage, outcome)
-            return json_error(err, rid, task)
-        try:
+            try:
+                resp = await self._send(request, upstream, rid, data)
+            except ProxyError as err:
+                status = err.status
+                outcome = "upstream_timeout" if err.status == 504 else "upstream_unavailable"
+                if isinstance(err, PayloadTooLarge):
+                    outcome = "payload_too_large"
+                return json_error(err, rid, task)
             status = resp.status
             out, relay = await self._start_response(request, resp, rid, task, upstream, plan)
             outcome = await self._relay(resp, out, req, relay)
+            return out
         except asyncio.CancelledError:
-            outcome = "cancelled"
+            # aiohttp cancels the handler when the client goes away
+            outcome = "client_disconnect" if request.transport is None else "cancelled"
             raise
         finally:
-            resp.close()
+            if resp is not None:
+                resp.close()
             usage = self._usage(request.path, upstream, plan, relay, data)
             self.accountant.end(req, status, usage, outcome)
-        return out
 
     async def _send(
         self, request: web.Request, upstream: UpstreamConfig, rid: str, data: Any

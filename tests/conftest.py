@@ -23,7 +23,8 @@ def proxy_config(upstream_url: str, tmp_path: Path, **sections: Any) -> Config:
     """A config for tests: one upstream, the simulated meter at 20 ms, a ledger in tmp_path."""
     doc: dict[str, Any] = {
         "upstreams": [{"name": "llm", "url": upstream_url}],
-        "meter": {"kind": "simulated", "interval_ms": 20},
+        "meter": {"kind": "simulated", "interval_ms": 20, "simulated_noise": 0.0},
+        "attribution": {"idle_watts": 60.0},
         "ledger": {
             "url": f"sqlite:///{tmp_path / 'ledger.db'}",
             "flush_interval_ms": 20,

@@ -38,7 +38,12 @@ def build_meter(
         return NullMeter()
     if cfg.kind == "simulated":
         devices = list(cfg.devices) if cfg.devices else ["gpu0"]
-        return SimulatedMeter(load or (lambda: {}), devices=devices, idle_w=cfg.simulated_idle_w)
+        return SimulatedMeter(
+            load or (lambda: {}),
+            devices=devices,
+            idle_w=cfg.simulated_idle_w,
+            noise=cfg.simulated_noise,
+        )
     if cfg.kind == "nvml":
         return NvmlMeter(_gpu_selectors(cfg), nvml=nvml)
     if cfg.kind == "dcgm":

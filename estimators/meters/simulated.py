@@ -1,8 +1,9 @@
 """A deterministic power model standing in for a GPU, for the demo, tests and benchmarks.
 
 Power = idle watts + for each request in flight, the dynamic watts of its task, with seeded
-noise. The load (device -> task -> requests in flight) is read from a callback, so the model
-follows the proxy's real traffic.
+noise. The load is read from a callback as cumulative busy seconds (device -> task -> seconds
+of requests in flight, summed over requests), so energy is integrated exactly between reads and
+a request shorter than one interval still draws its share.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ DEFAULT_DYNAMIC_W: dict[str, float] = {
 DEFAULT_IDLE_W = 60.0
 MAX_POWER_W = 700.0  # an H100 SXM's board limit: the model never exceeds it
 
-LoadFn = Callable[[], Mapping[str, Mapping[str, int]]]
+LoadFn = Callable[[], Mapping[str, Mapping[str, float]]]
 
 
 class SimulatedMeter(Meter):
     """Integrates the power model between reads.
 
     Args:
-        load: returns, per device, how many requests of each task are in flight.
+        load: returns, per device and task, cumulative seconds of requests in flight.
         devices: device names (default one device, ``gpu0``).
         idle_w: power with nothing in flight.
         dynamic_w: extra watts per in-flight request, by task.
@@ -70,13 +71,13 @@ class SimulatedMeter(Meter):
         self._lock = threading.Lock()
         self._last_t_s = clock()
         self._energy_j = dict.fromkeys(self._devices, 0.0)
+        self._busy_s: dict[str, dict[str, float]] = {d: {} for d in self._devices}
 
     def devices(self) -> list[str]:
         return list(self._devices)
 
-    def power_w(self, tasks: Mapping[str, int]) -> float:
-        dynamic = sum(self._dynamic_w.get(task, 100.0) * n for task, n in tasks.items())
-        return min(MAX_POWER_W, self._idle_w + dynamic)
+    def dynamic_j(self, busy_delta_s: Mapping[str, float]) -> float:
+        return sum(self._dynamic_w.get(task, 100.0) * s for task, s in busy_delta_s.items())
 
     def read(self) -> Reading:
         load = self._load()
@@ -86,8 +87,14 @@ class SimulatedMeter(Meter):
             self._last_t_s = now
             power: dict[str, float] = {}
             for device in self._devices:
-                watts = self.power_w(load.get(device, {}))
-                watts *= max(0.0, 1.0 + self._rng.gauss(0.0, self._noise))
-                power[device] = watts
-                self._energy_j[device] += watts * dt
+                busy = load.get(device, {})
+                last = self._busy_s[device]
+                delta = {t: max(0.0, v - last.get(t, 0.0)) for t, v in busy.items()}
+                self._busy_s[device] = dict(busy)
+                energy_j = self._idle_w * dt + self.dynamic_j(delta)
+                if dt > 0:
+                    energy_j = min(energy_j, MAX_POWER_W * dt)
+                energy_j *= max(0.0, 1.0 + self._rng.gauss(0.0, self._noise))
+                power[device] = energy_j / dt if dt > 0 else self._idle_w
+                self._energy_j[device] += energy_j
             return Reading(timestamp_s=now, energy_j=dict(self._energy_j), power_w=power)

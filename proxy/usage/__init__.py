@@ -1,20 +1,32 @@
 """Usage capture: one module per API wire format, pure (bytes in, bytes out), chosen here.
 
-An API module provides up to three functions, registered in ``APIS``:
+An API module provides up to four functions, registered in ``APIS``:
 ``plan(path, doc) -> RequestPlan`` (read a JSON request body, maybe rewrite it),
 ``stream(path, content_type, plan, collect_text) -> StreamUsage | None`` (an incremental parser
-for a streamed response, or None if the content type is not one it streams), and
-``body(path, doc) -> Usage`` (usage of a whole JSON response).
+for a streamed response, or None if the content type is not one it streams),
+``body(path, doc) -> Usage`` (usage of a whole JSON response), and
+``headers(path, headers) -> Usage | None`` (counts a server puts in response headers).
+
+``upload_probe(content_type)`` watches a streamed non-JSON upload (a multipart audio file).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.usage import openai
-from proxy.usage.base import BodyUsage, RequestPlan, SSEFramer, StreamUsage, Usage, parse_json
+from proxy.usage import ollama, openai, tei, tgi
+from proxy.usage.base import (
+    BodyUsage,
+    RequestPlan,
+    SSEFramer,
+    StreamUsage,
+    UploadProbe,
+    Usage,
+    parse_json,
+)
+from proxy.usage.multipart import upload_probe
 
 __all__ = [
     "APIS",
@@ -23,9 +35,16 @@ __all__ = [
     "RequestPlan",
     "SSEFramer",
     "StreamUsage",
+    "UploadProbe",
     "Usage",
+    "for_api",
     "parse_json",
+    "upload_probe",
 ]
+
+
+def _no_headers(path: str, headers: Mapping[str, str]) -> Usage | None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +52,7 @@ class ApiUsage:
     plan: Callable[[str, Any], RequestPlan]
     stream: Callable[[str, str, RequestPlan, bool], StreamUsage | None]
     body: Callable[[str, Any], Usage]
+    headers: Callable[[str, Mapping[str, str]], Usage | None] = _no_headers
 
 
 def _generic_plan(path: str, doc: Any) -> RequestPlan:
@@ -52,14 +72,17 @@ def _no_body(path: str, doc: Any) -> Usage:
 
 OPENAI = ApiUsage(openai.plan_openai_request, openai.stream_parser, openai.usage_from_body)
 GENERIC = ApiUsage(_generic_plan, _no_stream, _no_body)
+TGI = ApiUsage(tgi.plan_request, tgi.stream_parser, tgi.usage_from_body, tgi.usage_from_headers)
+TEI = ApiUsage(tei.plan_request, tei.stream_parser, tei.usage_from_body, tei.usage_from_headers)
+OLLAMA = ApiUsage(ollama.plan_request, ollama.stream_parser, ollama.usage_from_body)
 
 #: upstreams[].api -> its usage capture
 APIS: dict[str, ApiUsage] = {
     "openai": OPENAI,
     "generic": GENERIC,
-    "tgi": OPENAI,
-    "tei": OPENAI,
-    "ollama": OPENAI,
+    "tgi": TGI,
+    "tei": TEI,
+    "ollama": OLLAMA,
 }
 
 

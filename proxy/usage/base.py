@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 try:  # orjson is optional: it decodes several times faster
     import orjson
@@ -26,6 +26,8 @@ MAX_EVENT_BYTES = 1024 * 1024
 #: The largest non-streaming body kept for parsing usage; past it only the tail is searched.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 TAIL_BYTES = 64 * 1024
+#: How certain each ``tokens_source`` is; a mix of two reports the less certain.
+SOURCE_RANK = {"server": 3, "tokenizer": 2, "estimate": 1, "none": 0}
 
 
 @dataclass(slots=True)
@@ -42,6 +44,38 @@ class Usage:
     images: int | None = None
     audio_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Text the server generated without counting it, for a tokenizer (or an estimate).
+    generated_text: str | None = None
+
+    def record_fields(self) -> dict[str, Any]:
+        """What a request record keeps beyond token counts: audio seconds, images, ``extra``."""
+        out: dict[str, Any] = {}
+        if self.audio_s is not None:
+            out["audio_s"] = round(self.audio_s, 3)
+        if self.images is not None:
+            out["images"] = self.images
+        out.update(self.extra)
+        return out
+
+    def fill_from(self, other: Usage) -> None:
+        """Take the counts ``other`` has and this one lacks (e.g. from response headers); the
+        source becomes the less certain of the two when both contributed."""
+        took = False
+        if self.prompt_tokens is None and other.prompt_tokens is not None:
+            self.prompt_tokens = other.prompt_tokens
+            took = True
+        if self.completion_tokens is None and other.completion_tokens is not None:
+            self.completion_tokens = other.completion_tokens
+            took = True
+        if took:
+            mine = self.tokens_source
+            theirs = other.tokens_source
+            if mine == "none" or SOURCE_RANK.get(theirs, 0) < SOURCE_RANK.get(mine, 0):
+                self.tokens_source = theirs
+        if self.audio_s is None:
+            self.audio_s = other.audio_s
+        if self.images is None:
+            self.images = other.images
 
     def merge_server(self, prompt: Any, completion: Any) -> None:
         if isinstance(prompt, int | float) and not isinstance(prompt, bool):
@@ -67,6 +101,18 @@ class RequestPlan:
     images: int | None = None
     end_user: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Prompt pieces the server tokenizes one by one (a batch of inputs, rerank pairs).
+    prompt_parts: list[str] | None = None
+    #: Watches a streamed (non-JSON) upload, e.g. the audio of a transcription.
+    upload: UploadProbe | None = None
+
+
+class UploadProbe(Protocol):
+    """An incremental observer of a request body that streams through (bounded memory)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> Usage: ...
 
 
 class StreamUsage:

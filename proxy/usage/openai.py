@@ -6,6 +6,11 @@ usage-only chunk (and any ``"usage":null`` the server adds to other chunks), so 
 exactly the stream it asked for. On the response side, usage is read from whichever event carries
 it (the usage-only chunk, or the finish chunk as llama.cpp sends it); servers that never send it
 fall back to counting the streamed deltas.
+
+Beyond chat and completions: ``/v1/responses`` and Anthropic-style ``/v1/messages`` (named SSE
+events; usage in ``response.completed``, or in ``message_start`` and ``message_delta``), images
+(count, size, steps), audio (a WAV speech answer's seconds; a transcription's ``usage.seconds``),
+rerank (``usage.total_tokens``) and score.
 """
 
 from __future__ import annotations
@@ -14,42 +19,95 @@ import json
 import re
 from typing import Any
 
+from proxy.usage.audio import WavStream
 from proxy.usage.base import RequestPlan, SSEFramer, StreamUsage, Usage, parse_json, sse_data
 
 STREAM_USAGE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
+#: APIs whose streams are named events with usage nested in them.
+EVENT_STREAM_PATHS = frozenset(("/v1/responses", "/v1/messages"))
+WAV_TYPES = frozenset(("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"))
 #: Streamed text kept for counting with a tokenizer when the server sends no usage.
 MAX_COLLECTED_TEXT = 1024 * 1024
 
 _CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+_INPUT_TOKENS = re.compile(rb'"(?:input_tokens|prompt_tokens)"\s*:\s*(\d+)')
+_OUTPUT_TOKENS = re.compile(rb'"(?:output_tokens|completion_tokens)"\s*:\s*(\d+)')
+_DELTA_EVENT = re.compile(rb'"type"\s*:\s*"(?:response\.output_text\.delta|content_block_delta)"')
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a list of parts
+    (``text`` in chat and Anthropic messages, ``input_text`` in the Responses API)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            c["text"]
+            for c in content
+            if isinstance(c, dict)
+            and c.get("type") in ("text", "input_text", "output_text")
+            and isinstance(c.get("text"), str)
+        )
+    return ""
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def _messages_of(path: str, doc: dict[str, Any]) -> list[dict[str, str]] | None:
+    """The conversation as plain ``{"role", "content"}`` messages, for a chat template: chat
+    messages, Anthropic messages with their ``system``, or a Responses ``input`` with its
+    ``instructions``."""
+    out: list[dict[str, str]] = []
+    system = doc.get("instructions") if path == "/v1/responses" else doc.get("system")
+    if path in ("/v1/messages", "/v1/responses") and system:
+        out.append({"role": "system", "content": _text_of(system)})
+    items = doc.get("messages")
+    if path == "/v1/responses":
+        items = doc.get("input")
+        if isinstance(items, str):
+            return [*out, {"role": "user", "content": items}]
+    if not isinstance(items, list):
+        return out or None
+    for msg in items:
+        if isinstance(msg, dict) and isinstance(msg.get("role"), str):
+            out.append({"role": msg["role"], "content": _text_of(msg.get("content"))})
+    return out or None
+
+
+def _doc_texts(value: Any) -> list[str]:
+    """Rerank documents: strings or ``{"text": ...}`` objects."""
+    out: list[str] = []
+    for d in value if isinstance(value, list) else [value]:
+        if isinstance(d, str):
+            out.append(d)
+        elif isinstance(d, dict) and isinstance(d.get("text"), str):
+            out.append(d["text"])
+    return out
 
 
 def _prompt_text(doc: dict[str, Any]) -> str:
-    parts: list[str] = []
-    prompt = doc.get("prompt")
-    if isinstance(prompt, str):
-        parts.append(prompt)
-    elif isinstance(prompt, list):
-        parts.extend(p for p in prompt if isinstance(p, str))
-    for key in ("input", "query", "text", "system"):
-        value = doc.get(key)
-        if isinstance(value, str):
-            parts.append(value)
-        elif isinstance(value, list):
-            parts.extend(v for v in value if isinstance(v, str))
+    parts: list[str] = _strings(doc.get("prompt"))
+    for key in ("input", "query", "text", "text_1", "text_2", "system"):
+        parts.extend(_strings(doc.get(key)))
+    parts.extend(_doc_texts(doc.get("documents")))
     for msg in doc.get("messages") or ():
-        if not isinstance(msg, dict):
-            continue
-        content = msg.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts.extend(
-                c.get("text", "")
-                for c in content
-                if isinstance(c, dict) and c.get("type") == "text"
-            )
+        if isinstance(msg, dict):
+            text = _text_of(msg.get("content"))
+            if text:
+                parts.append(text)
     return "\n".join(parts)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def plan_openai_request(path: str, doc: Any) -> RequestPlan:
@@ -60,17 +118,30 @@ def plan_openai_request(path: str, doc: Any) -> RequestPlan:
     model = doc.get("model")
     plan.model = model if isinstance(model, str) else None
     plan.stream = doc.get("stream") is True
-    plan.prompt_text = _prompt_text(doc)
-    messages = doc.get("messages")
-    plan.messages = messages if isinstance(messages, list) else None
-    for key in ("max_completion_tokens", "max_tokens", "max_new_tokens"):
-        value = doc.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
+    messages = _messages_of(path, doc)
+    if path in EVENT_STREAM_PATHS:
+        plan.prompt_text = "\n".join(m["content"] for m in messages or () if m["content"])
+    else:
+        plan.prompt_text = _prompt_text(doc)
+    plan.messages = messages
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens", "max_new_tokens"):
+        value = _int(doc.get(key))
+        if value is not None:
             plan.max_tokens = value
             break
-    n = doc.get("n")
-    if path.endswith("/images/generations"):
-        plan.images = n if isinstance(n, int) and n > 0 else 1
+    if path.endswith("/images/generations") or path.endswith("/images/edits"):
+        n = _int(doc.get("n"))
+        plan.images = n if n is not None and n > 0 else 1
+        size = doc.get("size")
+        if isinstance(size, str) and _SIZE.match(size):
+            plan.extra["image_size"] = size
+        steps = _int(doc.get("num_inference_steps", doc.get("steps")))
+        if steps is not None:
+            plan.extra["steps"] = steps
+    elif path.endswith("/rerank") or path.endswith("/score"):
+        plan.prompt_parts = _pairs(doc)
+    elif path.endswith("/embeddings") and isinstance(doc.get("input"), list):
+        plan.prompt_parts = _strings(doc["input"]) or None
     user = doc.get("user")
     plan.end_user = user if isinstance(user, str) else None
     if plan.stream and path in STREAM_USAGE_PATHS:
@@ -81,6 +152,18 @@ def plan_openai_request(path: str, doc: Any) -> RequestPlan:
             plan.inject_usage = True
             plan.body = json.dumps({**doc, "stream_options": new_options}).encode()
     return plan
+
+
+def _pairs(doc: dict[str, Any]) -> list[str] | None:
+    """Rerank and score requests: the server encodes one (query, document) pair per document;
+    the pieces are counted one by one (a pair's joint special tokens are off by one or two)."""
+    queries = _strings(doc.get("query", doc.get("text_1")))
+    texts = _doc_texts(doc.get("documents", doc.get("text_2")))
+    if not queries or not texts:
+        return None
+    if len(queries) == 1:
+        return [p for t in texts for p in (queries[0], t)]
+    return [p for q, t in zip(queries, texts, strict=False) for p in (q, t)]
 
 
 class OpenAISSE(StreamUsage):
@@ -150,7 +233,7 @@ class OpenAISSE(StreamUsage):
             self._collect(obj)
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self._usage.merge_server(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            _merge_usage(self._usage, usage)
             if self.strip_usage and obj.get("choices") == []:
                 return False
         return True
@@ -178,6 +261,136 @@ class OpenAISSE(StreamUsage):
         return usage
 
 
+def _merge_usage(usage: Usage, u: dict[str, Any]) -> None:
+    """Token counts of an OpenAI ``usage`` object, whichever names it uses."""
+    if u.get("type") == "duration":  # a transcription's audio length
+        seconds = u.get("seconds")
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+            usage.audio_s = float(seconds)
+        return
+    prompt = u.get("prompt_tokens", u.get("input_tokens"))
+    completion = u.get("completion_tokens", u.get("output_tokens"))
+    if completion is None and prompt is None and "total_tokens" in u:
+        prompt, completion = u["total_tokens"], 0  # rerank reports the total only
+    elif completion is None and prompt is not None and "total_tokens" in u:
+        completion = 0  # embeddings report prompt and total only
+    usage.merge_server(prompt, completion)
+
+
+class EventSSE(StreamUsage):
+    """Incremental parser of a stream of named events: ``/v1/responses`` and ``/v1/messages``.
+
+    Usage is read from the events that carry it (``response.completed`` and its siblings;
+    ``message_start`` and ``message_delta``), later ones winning. Only events that mention
+    ``usage`` (or text deltas, when text is collected) are decoded; one too large to decode is
+    searched for its token counts instead.
+    """
+
+    def __init__(self, collect_text: bool = False) -> None:
+        self.collect_text = collect_text
+        self.tokens = 0
+        self.events = 0
+        self._framer = SSEFramer()
+        self._usage = Usage()
+        self._text: list[str] = []
+        self._text_len = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        for event in self._framer.push(chunk):
+            self._inspect(event)
+        return chunk
+
+    def flush(self) -> bytes:
+        rest = self._framer.pending()
+        if rest:
+            self._inspect(rest)
+        return b""
+
+    def _inspect(self, event: bytes) -> None:
+        data = sse_data(event)
+        if data is None:
+            if self._framer.oversize and b'"usage"' in event:
+                self._scan_counts(event)
+            return
+        self.events += 1
+        delta = _DELTA_EVENT.search(data) is not None
+        if delta:
+            self.tokens += 1
+        has_usage = b'"usage"' in data and (
+            b'"input_tokens"' in data or b'"output_tokens"' in data or b'"prompt_tokens"' in data
+        )
+        if not has_usage and not (delta and self.collect_text):
+            return
+        try:
+            obj = parse_json(data)
+        except ValueError:
+            if has_usage:
+                self._scan_counts(data)
+            return
+        if not isinstance(obj, dict):
+            return
+        if delta and self.collect_text:
+            self._collect(obj)
+        if has_usage:
+            holder = obj.get("response") or obj.get("message") or obj
+            usage = holder.get("usage") if isinstance(holder, dict) else None
+            if not isinstance(usage, dict):
+                usage = obj.get("usage")
+            if isinstance(usage, dict):
+                if obj.get("type") == "message_start":  # its output count is a placeholder
+                    usage = {"input_tokens": usage.get("input_tokens")}
+                _merge_usage(self._usage, usage)
+
+    def _scan_counts(self, data: bytes) -> None:
+        at = data.rfind(b'"usage"')
+        tail = data[at:]
+        prompt = _INPUT_TOKENS.search(tail)
+        completion = _OUTPUT_TOKENS.search(tail)
+        self._usage.merge_server(
+            int(prompt.group(1)) if prompt else None,
+            int(completion.group(1)) if completion else None,
+        )
+
+    def _collect(self, obj: dict[str, Any]) -> None:
+        delta = obj.get("delta")
+        text = delta.get("text") if isinstance(delta, dict) else delta
+        if isinstance(text, str) and self._text_len < MAX_COLLECTED_TEXT:
+            self._text.append(text)
+            self._text_len += len(text)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def finish(self) -> Usage:
+        usage = self._usage
+        if usage.completion_tokens is None:
+            usage.completion_tokens = self.tokens
+            if usage.tokens_source != "server":
+                usage.tokens_source = "estimate"
+        return usage
+
+
+def _generated_text(doc: dict[str, Any]) -> str | None:
+    """The text of a response that reported no usage: choices, a Responses ``output``, an
+    Anthropic ``content``, a transcription's ``text``."""
+    parts: list[str] = []
+    for choice in doc.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+    for item in doc.get("output") or ():
+        if isinstance(item, dict):
+            parts.append(_text_of(item.get("content")))
+    if isinstance(doc.get("content"), list):
+        parts.append(_text_of(doc["content"]))
+    if isinstance(doc.get("text"), str):
+        parts.append(doc["text"])
+    return "".join(parts) if parts else None
+
+
 def usage_from_body(path: str, doc: Any) -> Usage:
     """Usage of a non-streaming OpenAI-style response body."""
     usage = Usage()
@@ -185,20 +398,27 @@ def usage_from_body(path: str, doc: Any) -> Usage:
         return usage
     u = doc.get("usage")
     if isinstance(u, dict):
-        prompt = u.get("prompt_tokens", u.get("input_tokens"))
-        completion = u.get("completion_tokens", u.get("output_tokens"))
-        if completion is None and "total_tokens" in u and prompt is not None:
-            completion = 0  # embeddings report prompt and total only
-        usage.merge_server(prompt, completion)
-    if path.endswith("/images/generations") and isinstance(doc.get("data"), list):
+        _merge_usage(usage, u)
+    meta = doc.get("meta")
+    if usage.prompt_tokens is None and isinstance(meta, dict):  # Cohere-style rerank
+        tokens = meta.get("tokens")
+        if isinstance(tokens, dict):
+            usage.merge_server(tokens.get("input_tokens"), tokens.get("output_tokens", 0))
+    if "/images/" in path and isinstance(doc.get("data"), list):
         usage.images = len(doc["data"])
+    if usage.completion_tokens is None and not path.endswith(("/embeddings", "/rerank", "/score")):
+        usage.generated_text = _generated_text(doc)
     return usage
 
 
 def stream_parser(
     path: str, content_type: str, plan: RequestPlan, collect_text: bool
 ) -> StreamUsage | None:
-    """The SSE parser for OpenAI-style streams."""
+    """The parser for a streamed answer: SSE chunks, named SSE events, or WAV audio."""
+    if content_type in WAV_TYPES:
+        return WavStream()
     if content_type != "text/event-stream":
         return None
+    if path in EVENT_STREAM_PATHS:
+        return EventSSE(collect_text=collect_text)
     return OpenAISSE(strip_usage=plan.inject_usage, collect_text=collect_text)

@@ -1,0 +1,214 @@
+"""Usage capture for Ollama's native API.
+
+``/api/generate`` and ``/api/chat`` stream by default (``"stream": false`` turns it off) as
+newline-delimited JSON (``application/x-ndjson``): one object per token with ``"done":false``,
+then a final ``"done":true`` object with ``prompt_eval_count``, ``eval_count`` and durations in
+nanoseconds (``total_duration``, ``load_duration``, ``prompt_eval_duration``,
+``eval_duration``). Ollama omits zero counts, so a fully cached prompt has no
+``prompt_eval_count``: the prompt is then counted with the tokenizer. ``/api/embed`` answers
+``prompt_eval_count`` too. The OpenAI routes (``/v1/...``) are parsed as OpenAI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from proxy.usage import openai
+from proxy.usage.base import MAX_EVENT_BYTES, RequestPlan, StreamUsage, Usage, parse_json
+
+NDJSON_TYPES = frozenset(("application/x-ndjson", "application/jsonl", "application/json-seq"))
+GENERATE_PATHS = frozenset(("/api/generate", "/api/chat"))
+#: Final-object durations, in nanoseconds on the wire, recorded in seconds.
+DURATIONS_NS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+NS_PER_S = 1e9
+
+_DONE = re.compile(rb'"done"\s*:\s*true')
+_CONTENT = re.compile(rb'"(?:response|content|thinking)"\s*:\s*"(?!")')
+
+
+class NDJSONFramer:
+    """Splits a byte stream into complete lines (each with its ``\\n``), bounded like
+    ``SSEFramer``: a line longer than ``max_line_bytes`` is passed on in pieces."""
+
+    __slots__ = ("_buf", "max_line_bytes", "oversize")
+
+    def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buf = b""
+        self.max_line_bytes = max_line_bytes
+        self.oversize = False
+
+    def push(self, chunk: bytes) -> Iterator[bytes]:
+        buf = self._buf + chunk if self._buf else chunk
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            yield buf[start : end + 1]
+            start = end + 1
+        rest = buf[start:]
+        if len(rest) > self.max_line_bytes:
+            self.oversize = True
+            self._buf = b""
+            yield rest
+        else:
+            self._buf = rest
+
+    def pending(self) -> bytes:
+        out, self._buf = self._buf, b""
+        return out
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _prompt(path: str, doc: dict[str, Any], plan: RequestPlan) -> None:
+    parts: list[str] = []
+    for key in ("system", "prompt", "suffix"):
+        if isinstance(doc.get(key), str):
+            parts.append(doc[key])
+    messages = doc.get("messages")
+    if isinstance(messages, list):
+        plan.messages = [
+            {"role": m["role"], "content": m.get("content") or ""}
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("role"), str)
+        ]
+        parts.extend(m["content"] for m in plan.messages if isinstance(m["content"], str))
+    inputs = doc.get("input")
+    if isinstance(inputs, str):
+        parts.append(inputs)
+    elif isinstance(inputs, list):
+        plan.prompt_parts = [x for x in inputs if isinstance(x, str)] or None
+        parts.extend(plan.prompt_parts or ())
+    plan.prompt_text = "\n".join(parts)
+
+
+def plan_request(path: str, doc: Any) -> RequestPlan:
+    if path.startswith("/v1/"):
+        return openai.plan_openai_request(path, doc)
+    plan = RequestPlan()
+    if not isinstance(doc, dict):
+        return plan
+    if isinstance(doc.get("model"), str):
+        plan.model = doc["model"]
+    # Ollama streams unless told not to
+    plan.stream = path in GENERATE_PATHS and doc.get("stream") is not False
+    options = doc.get("options")
+    if isinstance(options, dict):
+        n = _int(options.get("num_predict"))
+        plan.max_tokens = n if n is not None and n >= 0 else None
+    _prompt(path, doc, plan)
+    return plan
+
+
+def _final(usage: Usage, obj: dict[str, Any]) -> None:
+    """Counts and durations of a ``done`` object (or of a non-streaming answer)."""
+    prompt = _int(obj.get("prompt_eval_count"))
+    completion = _int(obj.get("eval_count"))
+    if completion is None and obj.get("done") is True and "embeddings" not in obj:
+        completion = 0  # omitted when zero
+    usage.merge_server(prompt, completion)
+    for key in DURATIONS_NS:
+        ns = _int(obj.get(key))
+        if ns is not None:
+            usage.extra[key + "_s"] = ns / NS_PER_S
+    reason = obj.get("done_reason")
+    if isinstance(reason, str):
+        usage.extra["done_reason"] = reason
+
+
+class OllamaStream(StreamUsage):
+    """Incremental parser of an NDJSON answer: counts content lines, decodes only the ``done``
+    line (and content lines when text is collected)."""
+
+    def __init__(self, collect_text: bool = False) -> None:
+        self.collect_text = collect_text
+        self.tokens = 0
+        self.lines = 0
+        self.done = False
+        self._framer = NDJSONFramer()
+        self._usage = Usage()
+        self._text: list[str] = []
+        self._text_len = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        for line in self._framer.push(chunk):
+            self._inspect(line)
+        return chunk
+
+    def flush(self) -> bytes:
+        rest = self._framer.pending()
+        if rest.strip():
+            self._inspect(rest)
+        return b""
+
+    def _inspect(self, line: bytes) -> None:
+        self.lines += 1
+        final = _DONE.search(line) is not None
+        content = _CONTENT.search(line) is not None
+        if content and not final:
+            self.tokens += 1
+        if not final and not (content and self.collect_text):
+            return
+        try:
+            obj = parse_json(line)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if content and self.collect_text:
+            message = obj.get("message")
+            text = message.get("content") if isinstance(message, dict) else obj.get("response")
+            if isinstance(text, str) and self._text_len < openai.MAX_COLLECTED_TEXT:
+                self._text.append(text)
+                self._text_len += len(text)
+        if final:
+            self.done = True
+            _final(self._usage, obj)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def finish(self) -> Usage:
+        usage = self._usage
+        if usage.completion_tokens is None:
+            usage.completion_tokens = self.tokens
+            if usage.tokens_source != "server":
+                usage.tokens_source = "estimate"
+        return usage
+
+
+def stream_parser(
+    path: str, content_type: str, plan: RequestPlan, collect_text: bool
+) -> StreamUsage | None:
+    if path.startswith("/v1/"):
+        return openai.stream_parser(path, content_type, plan, collect_text)
+    if content_type not in NDJSON_TYPES:
+        return None
+    return OllamaStream(collect_text=collect_text)
+
+
+def usage_from_body(path: str, doc: Any) -> Usage:
+    if path.startswith("/v1/"):
+        return openai.usage_from_body(path, doc)
+    usage = Usage()
+    if not isinstance(doc, dict):
+        return usage
+    if path in ("/api/embed", "/api/embeddings"):
+        prompt = _int(doc.get("prompt_eval_count"))
+        if prompt is not None:
+            usage.merge_server(prompt, 0)
+        else:
+            usage.completion_tokens = 0
+        return usage
+    _final(usage, doc)
+    if usage.completion_tokens is None:
+        message = doc.get("message")
+        text = message.get("content") if isinstance(message, dict) else doc.get("response")
+        usage.generated_text = text if isinstance(text, str) else None
+    return usage
