@@ -191,7 +191,7 @@ async def test_client_disconnect_cancels_upstream_and_records_partial(
     aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     scripted, up = await scripted_server(aiohttp_server, delay_s=0.3)
-    proxy, parts = await make_proxy(proxy_config(url_of(up), tmp_path))
+    proxy, _parts = await make_proxy(proxy_config(url_of(up), tmp_path))
     s = aiohttp.ClientSession()
     r = await s.post(url_of(proxy) + "/v1/chat/completions", json={**CHAT, "stream": True})
     rid = r.headers["X-Request-Id"]
@@ -237,9 +237,10 @@ async def test_upstream_timeout_is_504(
     app.router.add_post("/v1/chat/completions", slow)
     up = await aiohttp_server(app)
     cfg = proxy_config(
-        url_of(up), tmp_path,
+        url_of(up),
+        tmp_path,
         upstreams=[{"name": "llm", "url": url_of(up), "timeouts": {"first_byte_s": 0.2}}],
-    )  # fmt: skip
+    )
     proxy, _ = await make_proxy(cfg)
     async with (
         aiohttp.ClientSession() as s,
@@ -418,8 +419,10 @@ async def test_health_ready_and_metrics(
             await r.read()
         async with s.get(url_of(proxy) + "/metrics") as r:
             text = await r.text()
-    assert 'wattproxy_requests_total{code="200",model="m",task="text-generation",upstream="llm"}' \
-        in text  # fmt: skip
+    assert (
+        'wattproxy_requests_total{code="200",model="m",task="text-generation",upstream="llm"}'
+        in text
+    )
     assert "wattproxy_meter_up" in text
     assert "wattproxy_device_power_watts" in text
 

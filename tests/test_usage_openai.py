@@ -111,8 +111,13 @@ def test_completions_stream_text_field() -> None:
 
 
 def test_plan_injects_include_usage_and_keeps_other_options() -> None:
-    doc = {"model": "m", "stream": True, "stream_options": {"continuous_usage_stats": False},
-           "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 5}  # fmt: skip
+    doc = {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"continuous_usage_stats": False},
+        "messages": [{"role": "user", "content": "hello world"}],
+        "max_tokens": 5,
+    }
     plan = plan_openai_request("/v1/chat/completions", doc)
     assert plan.inject_usage
     assert plan.body is not None

@@ -1,0 +1,152 @@
+"""The command line: real processes, real exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import url_of
+
+WATTPROXY = [sys.executable, "-m", "proxy.cli"]
+ROOT = Path(__file__).parent.parent
+
+
+def run(
+    *args: str, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*WATTPROXY, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_check_config_ok() -> None:
+    r = run("check-config", "config.yaml")
+    assert r.returncode == 0
+    assert "config.yaml: ok" in r.stdout
+
+
+def test_check_config_lists_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: {port: -1}\nmeter: {kind: gpu}\nledger: {url: mysql://x}\n")
+    r = run("check-config", str(bad))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert f"{bad}: listen.port:" in r.stderr
+    assert f"{bad}: meter.kind:" in r.stderr
+    assert f"{bad}: ledger.url:" in r.stderr
+
+
+def test_serve_refuses_a_bad_config_with_the_same_messages(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams: [{url: 'not a url'}]\n")
+    r = run("serve", "--config", str(bad))
+    assert r.returncode == 2
+    assert f"{bad}: upstreams.0.url:" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_check_config_bad_keys_file(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - user: alice\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"identity": {"keys_file": str(keys)}}))
+    r = run("check-config", str(cfg))
+    assert r.returncode == 2
+    assert "keys.0: needs 'key_sha256'" in r.stderr
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+async def test_serve_proxies_and_shuts_down_gracefully(upstream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    cfg = {
+        "listen": {"port": port},
+        "upstreams": [{"name": "llm", "url": url_of(upstream)}],
+        "meter": {"kind": "simulated", "interval_ms": 20},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'l.db'}"},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(
+        [*WATTPROXY, "serve", "--config", str(path)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        import asyncio
+
+        import aiohttp
+
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as s:
+            while True:
+                try:
+                    async with s.get(base + "/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "serve did not come up"
+                await asyncio.sleep(0.1)
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            async with s.post(base + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                assert (await r.read()).endswith(b"data: [DONE]\n\n")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    # the ledger was flushed on the way out
+    r = run(
+        "report", "--user", "anonymous", "--format", "json", "--config", str(path), cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["totals"]["requests"] == 1
+    assert report["totals"]["energy_j"] > 0
+
+
+def test_report_bad_dates(tmp_path: Path) -> None:
+    r = run("report", "--user", "x", "--from", "yesterday", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "ISO dates" in r.stderr
+
+
+@pytest.mark.timeout(90)
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    r = run("demo", "--requests", "40", "--out", str(tmp_path / "out"), timeout=80)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for text in ("Per task", "text-to-image", "Per user", "alice", "paper kWh/1000"):
+        assert text in r.stdout
+    metrics = (tmp_path / "out" / "metrics.prom").read_text()
+    assert "wattproxy_energy_joules_total" in metrics
+    assert 'source="measured"' in metrics
