@@ -275,17 +275,21 @@ class AttributionEngine:
     def _weights(
         self, device: str, flights: Mapping[str, Flight], t0: float, t1: float
     ) -> dict[str, float]:
+        # The hot loop of a sample (one pass over every flight on the device): comparisons are
+        # written out instead of calling min()/max(), with the same results (NaN included).
         weights: dict[str, float] = {}
         work = self.weighting is Weighting.WORK
+        work_of = self._work
         for rid, f in flights.items():
-            end = t1 if f.end_s is None else min(t1, f.end_s)
-            overlap = end - max(t0, f.start_s)
-            if overlap <= 0.0 and not (f.start_s == f.end_s and t0 < f.start_s <= t1):
+            start, end_s = f.start_s, f.end_s
+            end = t1 if end_s is None or not end_s < t1 else end_s
+            overlap = end - (start if start > t0 else t0)
+            if overlap <= 0.0 and not (start == end_s and t0 < start <= t1):
                 continue
             if not work:
-                weights[rid] = max(overlap, MIN_SPAN_S)
+                weights[rid] = MIN_SPAN_S if MIN_SPAN_S > overlap else overlap
                 continue
-            weights[rid] = self._work(device, f, t0, t1, overlap)
+            weights[rid] = work_of(device, f, t0, t1, overlap)
         if work and weights and sum(weights.values()) <= 0.0:
             for rid in weights:
                 f = flights[rid]
@@ -297,20 +301,25 @@ class AttributionEngine:
     def _work(device: str, f: Flight, t0: float, t1: float, overlap: float) -> float:
         p = f.profile
         w = 0.0
+        start = f.start_s
         fb = f.first_byte_s
         prefill_end = t1 if fb is None else fb
-        prefill_overlap = min(t1, prefill_end) - max(t0, f.start_s)
-        if prefill_overlap > 0.0 or (f.start_s == prefill_end and t0 <= f.start_s <= t1):
-            span = max(prefill_end - f.start_s, MIN_SPAN_S)
-            w += p.prefill_j_per_token * p.prompt_tokens * max(prefill_overlap, MIN_SPAN_S) / span
+        prefill_overlap = (prefill_end if prefill_end < t1 else t1) - (start if start > t0 else t0)
+        if prefill_overlap > 0.0 or (start == prefill_end and t0 <= start <= t1):
+            span = prefill_end - start
+            span = MIN_SPAN_S if MIN_SPAN_S > span else span
+            share = MIN_SPAN_S if MIN_SPAN_S > prefill_overlap else prefill_overlap
+            w += p.prefill_j_per_token * p.prompt_tokens * share / span
         if p.token_stream:
-            weighed = f._tokens_weighed.get(device, 0.0)
-            w += p.decode_j_per_token * (f.decoded_tokens - weighed)
-            f._tokens_weighed[device] = f.decoded_tokens
+            weighed = f._tokens_weighed
+            decoded = f.decoded_tokens
+            w += p.decode_j_per_token * (decoded - weighed.get(device, 0.0))
+            weighed[device] = decoded
         else:
-            life_end = t1 if f.end_s is None else f.end_s
-            span = max(life_end - f.start_s, MIN_SPAN_S)
-            w += p.expected_j * max(overlap, MIN_SPAN_S) / span
+            span = (t1 if f.end_s is None else f.end_s) - start
+            span = MIN_SPAN_S if MIN_SPAN_S > span else span
+            share = MIN_SPAN_S if MIN_SPAN_S > overlap else overlap
+            w += p.expected_j * share / span
         return w
 
     def _idle_power_w(
@@ -340,11 +349,11 @@ class AttributionEngine:
 
     def _close(self, device: str, flights: dict[str, Flight], t_s: float) -> list[Flight]:
         done: list[Flight] = []
-        for rid, f in list(flights.items()):
-            if f.end_s is not None and f.end_s <= t_s:
-                del flights[rid]
-                f._open_on.discard(device)
-                if not f._open_on:
-                    self._flights.pop(rid, None)
-                    done.append(f)
+        ended = [rid for rid, f in flights.items() if f.end_s is not None and f.end_s <= t_s]
+        for rid in ended:
+            f = flights.pop(rid)
+            f._open_on.discard(device)
+            if not f._open_on:
+                self._flights.pop(rid, None)
+                done.append(f)
         return done

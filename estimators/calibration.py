@@ -28,8 +28,6 @@ DEFAULT_FORGETTING = 0.995
 DEFAULT_MIN_SAMPLES = 20
 #: Initial covariance: a nearly uninformative start (coefficients free to move anywhere).
 DEFAULT_INITIAL_COVARIANCE = 1e6
-#: Covariance trace above which it is scaled back (forgetting with unexciting data winds it up).
-MAX_COVARIANCE_TRACE = 1e9
 #: Token features are in thousands, so that all coefficients are of similar magnitude.
 TOKENS_PER_UNIT = 1000.0
 N_FEATURES = 4  # 1, prompt kilotokens, completion kilotokens, duration seconds
@@ -71,8 +69,13 @@ class RecursiveLeastSquares:
         self.forgetting = forgetting
         self.initial_covariance = initial_covariance
         self.theta = [0.0] * n
-        self.p = [[initial_covariance if i == j else 0.0 for j in range(n)] for i in range(n)]
+        self.p: list[list[float]] = []
+        self._reset_covariance()
         self.samples = 0
+
+    def _reset_covariance(self) -> None:
+        c = self.initial_covariance
+        self.p = [[c if i == j else 0.0 for j in range(self.n)] for i in range(self.n)]
 
     def predict(self, x: list[float]) -> float:
         return sum(t * v for t, v in zip(self.theta, x, strict=True))
@@ -91,11 +94,16 @@ class RecursiveLeastSquares:
         for i in range(self.n):
             for j in range(i + 1, self.n):
                 p[i][j] = p[j][i] = 0.5 * (p[i][j] + p[j][i])
-        trace = sum(p[i][i] for i in range(self.n))
-        if trace > MAX_COVARIANCE_TRACE:
-            scale = MAX_COVARIANCE_TRACE / trace
-            p = [[v * scale for v in row] for row in p]
-        self.p = p
+        # Bound each variance at its initial value: a feature that never varies (completion
+        # tokens of an embedding server) would otherwise wind up as lambda ** -n. Scaling row and
+        # column i by the same factor (D P D) keeps P positive definite and leaves the others.
+        if any(not (p[i][i] > 0.0 and math.isfinite(p[i][i])) for i in range(self.n)):
+            self._reset_covariance()  # rounding broke it: start the uncertainty afresh
+        else:
+            scale = [min(1.0, math.sqrt(self.initial_covariance / p[i][i])) for i in range(self.n)]
+            if any(f < 1.0 for f in scale):
+                p = [[p[i][j] * scale[i] * scale[j] for j in range(self.n)] for i in range(self.n)]
+            self.p = p
         self.samples += 1
 
 

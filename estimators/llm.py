@@ -82,12 +82,39 @@ MAX_BATCH = 1024
 #: Model families whose MLP is gated (gate, up and down projections: three matrices).
 GATED_MLP_MODEL_TYPES = frozenset(
     (
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-        "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "olmoe", "granite", "granitemoe",
-        "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "internlm2", "yi", "exaone", "glm",
-        "glm4", "smollm3", "ministral", "llama4_text", "dbrx", "minimax", "hunyuan_v1_dense",
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "olmo",
+        "olmo2",
+        "olmoe",
+        "granite",
+        "granitemoe",
+        "cohere",
+        "cohere2",
+        "deepseek_v2",
+        "deepseek_v3",
+        "internlm2",
+        "yi",
+        "exaone",
+        "glm",
+        "glm4",
+        "smollm3",
+        "ministral",
+        "llama4_text",
+        "dbrx",
+        "minimax",
+        "hunyuan_v1_dense",
     )
-)  # fmt: skip
+)
 GATED_ACTIVATIONS = frozenset(("silu", "swish", "swiglu", "geglu"))
 
 

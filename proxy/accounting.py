@@ -285,12 +285,16 @@ class Accountant:
             rec.energy_j, rec.co2e_g, rec.source = flight.energy_j, flight.co2e_g, "measured"
             rec.basis = "measured"
             self.estimator.observe(req.shape, flight.energy_j)
+            error = self.estimator.last_relative_error()
+            if error is not None:
+                self.metrics.estimator_error.observe(error)
         else:
             estimate = self.estimator.estimate(req.shape)
             rec.energy_j = estimate.energy_j
             rec.co2e_g = estimate.energy_j * self.g_per_j()
             rec.source = "estimated"
             rec.basis = estimate.basis
+            rec.extra["estimate_method"] = estimate.method
         rec.final = True
         m = self.metrics
         labels = m.energy_labels(rec.upstream, rec.model, rec.task, rec.source, rec.user)

@@ -18,16 +18,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from estimators.attribution import AttributionEngine, IdlePolicy, Weighting
-from estimators.carbon.table import table_intensity
+from estimators.carbon import CarbonClock, Intensity, build_provider
+from estimators.errors import EstimatorError
 from estimators.estimator import Estimator
 from estimators.meters.base import Meter
 from estimators.meters.factory import build_meter
 from estimators.sampler import Sampler
-from estimators.units import J_PER_KWH
 from proxy.accounting import Accountant
 from proxy.background import Background
 from proxy.budgets import Budgets
 from proxy.config import Config, UpstreamConfig
+from proxy.errors import ConfigError
 from proxy.emissions import Emissions, RecentRecords
 from proxy.forward import Forwarder
 from proxy.identity import IdentityResolver, KeyStore
@@ -63,26 +64,39 @@ class Parts:
     sampler: Sampler
     counters: dict[str, TokenCounter]
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
+    carbon: CarbonClock | None = None
     background: Background = field(default_factory=Background)
-    g_per_j: float = 0.0
     budgets: Budgets | None = None
 
 
 PARTS = web.AppKey("wattproxy_parts", Parts)
 
 
-def _g_per_j(cfg: Config, metrics: Metrics) -> float:
-    zone = cfg.carbon.zone.upper()
-    if cfg.carbon.intensity_g_per_kwh is not None:
-        g_per_kwh = cfg.carbon.intensity_g_per_kwh
-    else:
-        try:
-            g_per_kwh = table_intensity(zone).g_per_kwh
-        except Exception:
-            g_per_kwh = table_intensity("WORLD").g_per_kwh
-    metrics.grid_intensity.labels(zone).set(g_per_kwh)
-    metrics.carbon_provider.labels("static", zone, "false").set(1)
-    return g_per_kwh * cfg.carbon.pue / J_PER_KWH
+def _carbon_clock(cfg: Config, metrics: Metrics, environ: Mapping[str, str]) -> CarbonClock:
+    provider_name = cfg.carbon.provider
+
+    def on_update(intensity: Intensity) -> None:
+        metrics.grid_intensity.labels(intensity.zone).set(intensity.g_per_kwh)
+        metrics.carbon_provider.clear()
+        metrics.carbon_provider.labels(
+            provider_name, intensity.zone, str(intensity.fallback).lower()
+        ).set(1)
+
+    provider = build_provider(cfg.carbon, environ=environ)
+    return CarbonClock(
+        provider, cfg.carbon.zone, cfg.carbon.pue, cfg.carbon.refresh_s, on_update=on_update
+    )
+
+
+def _estimator(cfg: Config) -> Estimator:
+    estimator = Estimator()
+    for upstream in cfg.upstreams:
+        if upstream.model_path:
+            try:
+                estimator.register_model(upstream.name, model_path=upstream.model_path)
+            except EstimatorError as e:
+                raise ConfigError([f"upstreams.{upstream.name}.model_path: {e}"]) from e
+    return estimator
 
 
 def build_parts(
@@ -129,7 +143,7 @@ def build_parts(
         if meter is not None
         else build_meter(cfg.meter, load=lambda: holder["a"].load() if "a" in holder else {})
     )
-    g_per_j = _g_per_j(cfg, metrics)
+    carbon = _carbon_clock(cfg, metrics, env)
     accountant = Accountant(
         engine,
         estimator,
@@ -137,7 +151,7 @@ def build_parts(
         sink,
         meter_devices=meter.devices(),
         meter_kind=meter.kind,
-        g_per_j=lambda: g_per_j,
+        g_per_j=carbon.g_per_j,
     )
     holder["a"] = accountant
     sampler = Sampler(meter, cfg.meter.interval_ms / 1000.0, accountant.on_reading)
@@ -158,12 +172,11 @@ def build_parts(
         identity=identity,
         sampler=sampler,
         counters=counters,
-        g_per_j=g_per_j,
+        carbon=carbon,
         budgets=budgets,
     )
     for device in meter.devices():
         metrics.meter_up.labels(device, meter.kind).set(0)
-    _ = env
     return parts
 
 
@@ -199,8 +212,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await parts.sampler.read_once()  # the baseline reading
     bg.spawn("sampler", parts.sampler.run())
     bg.spawn("ledger-writer", parts.writer.run())
+    if parts.carbon is not None:
+        bg.spawn("carbon-intensity", parts.carbon.run())
     yield
     await bg.cancel_all()
+    if parts.carbon is not None:
+        await parts.carbon.provider.close()
     for session in parts.sessions.values():
         await session.close()
     await parts.sampler.read_once()  # cover the last requests' ends

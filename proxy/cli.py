@@ -166,6 +166,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.set_defaults(func=cmd_check_config)
 
+    from estimators import estimate_cli
+
+    estimate_cli.add_parser(sub)
     return p
 
 

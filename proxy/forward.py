@@ -33,8 +33,16 @@ from proxy.records import RequestRecord, utc_iso, utcnow
 from proxy.routing import Router
 from proxy.tasks import OTHER, task_for
 from proxy.tokens import TokenCounter, estimate_tokens
-from proxy.usage import for_api
-from proxy.usage.base import BodyUsage, RequestPlan, StreamUsage, Usage, parse_json
+from proxy.usage import for_api, upload_probe
+from proxy.usage.base import (
+    BodyUsage,
+    RequestPlan,
+    StreamUsage,
+    UploadProbe,
+    Usage,
+    parse_json,
+    weaker_source,
+)
 
 log = logging.getLogger("wattproxy.forward")
 
@@ -93,6 +101,13 @@ async def counted_body(request: web.Request, limit: int) -> AsyncIterator[bytes]
         yield chunk
 
 
+async def observed(body: AsyncIterator[bytes], probe: UploadProbe) -> AsyncIterator[bytes]:
+    """The body unchanged, each chunk shown to ``probe`` on its way (e.g. a WAV header)."""
+    async for chunk in body:
+        probe.feed(chunk)
+        yield chunk
+
+
 @dataclass(slots=True)
 class Relay:
     """The state of one response being relayed."""
@@ -100,6 +115,7 @@ class Relay:
     parser: StreamUsage | None
     collector: BodyUsage | None
     tokens_seen: int = 0
+    header_usage: Usage | None = None  # counts the upstream sent in response headers
 
 
 class Forwarder:
@@ -165,6 +181,9 @@ class Forwarder:
                     plan = for_api(candidates[0].api).plan(path, doc)
             else:
                 data = counted_body(request, limit)
+                plan.upload = upload_probe(request.headers.get("Content-Type", ""))
+                if plan.upload is not None:
+                    data = observed(data, plan.upload)
         upstream = self.router.route(path, plan.model)
         if upstream is None:
             if not self.router.candidates(path):
@@ -255,6 +274,7 @@ class Forwarder:
             if resp is not None:
                 resp.close()
             usage = self._usage(request.path, upstream, plan, relay, data)
+            record.extra.update(usage.record_fields())
             self.accountant.end(req, status, usage, outcome)
 
     async def _send(
@@ -313,7 +333,8 @@ class Forwarder:
         out.headers["X-Request-Id"] = rid
         out.headers["X-Wattproxy-Task"] = task
         await out.prepare(request)
-        return out, Relay(parser, collector)
+        header_usage = for_api(upstream.api).headers(request.path, resp.headers)
+        return out, Relay(parser, collector, header_usage=header_usage)
 
     async def _relay(
         self,
@@ -390,15 +411,28 @@ class Forwarder:
                 usage.tokens_source = "tokenizer"
         elif relay is not None and relay.collector is not None:
             usage = for_api(upstream.api).body(path, relay.collector.json())
-        if usage.prompt_tokens is None and (plan.prompt_text or plan.messages):
+        if relay is not None and relay.header_usage is not None:
+            usage.fill_from(relay.header_usage)
+        if usage.completion_tokens is None and usage.generated_text is not None:
             if counter is not None:
+                usage.completion_tokens = counter.count(usage.generated_text)
+                usage.tokens_source = weaker_source(usage.tokens_source, "tokenizer")
+            else:
+                usage.completion_tokens = estimate_tokens(usage.generated_text)
+                usage.tokens_source = weaker_source(usage.tokens_source, "estimate")
+        if usage.prompt_tokens is None and (plan.prompt_text or plan.messages or plan.prompt_parts):
+            if counter is not None and plan.prompt_parts:
+                usage.prompt_tokens = sum(counter.count_prompt(None, p) for p in plan.prompt_parts)
+                usage.tokens_source = weaker_source(usage.tokens_source, "tokenizer")
+            elif counter is not None:
                 usage.prompt_tokens = counter.count_prompt(plan.messages, plan.prompt_text)
-                if usage.tokens_source in ("none", "estimate"):
-                    usage.tokens_source = "tokenizer"
+                usage.tokens_source = weaker_source(usage.tokens_source, "tokenizer")
             else:
                 usage.prompt_tokens = estimate_tokens(plan.prompt_text)
-                if usage.tokens_source == "none":
-                    usage.tokens_source = "estimate"
+                usage.tokens_source = weaker_source(usage.tokens_source, "estimate")
+        if plan.upload is not None:
+            uploaded = plan.upload.finish()
+            usage.audio_s = uploaded.audio_s if uploaded.audio_s is not None else usage.audio_s
         if usage.images is None:
             usage.images = plan.images
         return usage

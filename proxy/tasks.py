@@ -1,6 +1,10 @@
 """The task of a request, as a Hugging Face pipeline tag, from its path and its upstream's config.
 
-Pure. An upstream's ``tasks`` map (path -> tag) wins over the built-in table below.
+Pure. In order: the upstream's ``tasks`` map (path -> tag; ``"*"`` for every inference
+request), then the built-in table below, then the task of the upstream's model (read from its
+``config.json`` by ``proxy.model_info``) for a POST the table does not place. For the
+``generic`` API the model's task comes before the table, which only guesses there. Requests
+that do no inference (model lists, health, tokenization) are ``other`` whatever the model.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ PATH_TASKS: dict[str, str] = {
     "/rerank": "text-ranking",
     "/v1/score": "text-ranking",
     "/score": "text-ranking",
+    "/v1/moderations": "text-classification",
+    "/v1/images/variations": "image-to-image",
     "/classify": "text-classification",
     "/v1/classify": "text-classification",
     "/pooling": "feature-extraction",
@@ -42,6 +48,7 @@ PATH_TASKS: dict[str, str] = {
     "/embed_sparse": "feature-extraction",
     "/embed_all": "feature-extraction",
     "/predict": "text-classification",
+    "/similarity": "sentence-similarity",
     # Ollama
     "/api/generate": "text-generation",
     "/api/chat": "text-generation",
@@ -50,12 +57,62 @@ PATH_TASKS: dict[str, str] = {
 }
 
 
-def task_for(path: str, overrides: Mapping[str, str] | None = None, api: str = "openai") -> str:
-    """The pipeline tag for ``path``: the upstream's override, then the table, else ``other``."""
+#: Paths that never run the model, whatever the upstream serves.
+NON_INFERENCE: frozenset[str] = frozenset(
+    (
+        "/tokenize",
+        "/detokenize",
+        "/decode",
+        "/v1/models",
+        "/v1/messages/count_tokens",
+        "/health",
+        "/healthz",
+        "/ready",
+        "/info",
+        "/metrics",
+        "/version",
+        "/ping",
+        "/api/tags",
+        "/api/show",
+        "/api/ps",
+        "/api/version",
+        "/api/pull",
+        "/api/push",
+        "/api/create",
+        "/api/copy",
+        "/api/delete",
+    )
+)
+#: Methods that may carry an inference request.
+INFERENCE_METHODS = frozenset(("POST", "PUT"))
+
+
+def task_for(
+    path: str,
+    overrides: Mapping[str, str] | None = None,
+    api: str = "openai",
+    model_task: str | None = None,
+    method: str = "POST",
+) -> str:
+    """The pipeline tag for ``path``; see the module docstring for the order.
+
+    Args:
+        model_task: the task of the upstream's model (``proxy.model_info``), when known.
+        method: the request's method; only POST and PUT fall back to the model's task.
+    """
+    key = path.rstrip("/") or "/"
     if overrides:
-        task = overrides.get(path) or overrides.get(path.rstrip("/"))
+        task = overrides.get(path) or overrides.get(key)
         if task:
             return task
+    inference = method in INFERENCE_METHODS and key not in NON_INFERENCE
+    if overrides and inference and overrides.get("*"):
+        return overrides["*"]
+    if api == "generic" and inference and model_task:
+        return model_task
     if path == "/" and api != "tgi":
         return OTHER
-    return PATH_TASKS.get(path.rstrip("/") or "/", OTHER)
+    task = PATH_TASKS.get(key, OTHER)
+    if task == OTHER and inference and model_task:
+        return model_task
+    return task

@@ -1,6 +1,24 @@
-"""Grid carbon intensity: a built-in yearly table and live providers behind one interface."""
+"""Grid carbon intensity: a built-in yearly table and live providers behind one interface, and
+the clock that holds the current figure for the sampler."""
 
 from estimators.carbon.base import Intensity, IntensityProvider
+from estimators.carbon.clock import CarbonClock, LiveProvider, fallback_intensity
+from estimators.carbon.electricitymaps import ElectricityMapsProvider
+from estimators.carbon.factory import build_provider
 from estimators.carbon.table import StaticIntensity, table_intensity
+from estimators.carbon.ukgrid import UKCarbonIntensityProvider
+from estimators.carbon.watttime import WattTimeProvider
 
-__all__ = ["Intensity", "IntensityProvider", "StaticIntensity", "table_intensity"]
+__all__ = [
+    "CarbonClock",
+    "ElectricityMapsProvider",
+    "Intensity",
+    "IntensityProvider",
+    "LiveProvider",
+    "StaticIntensity",
+    "UKCarbonIntensityProvider",
+    "WattTimeProvider",
+    "build_provider",
+    "fallback_intensity",
+    "table_intensity",
+]

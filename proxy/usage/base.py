@@ -30,6 +30,15 @@ TAIL_BYTES = 64 * 1024
 SOURCE_RANK = {"server": 3, "tokenizer": 2, "estimate": 1, "none": 0}
 
 
+def weaker_source(a: str, b: str) -> str:
+    """The less certain of two ``tokens_source`` values (``none`` counts as absent)."""
+    if a == "none":
+        return b
+    if b == "none":
+        return a
+    return a if SOURCE_RANK.get(a, 0) <= SOURCE_RANK.get(b, 0) else b
+
+
 @dataclass(slots=True)
 class Usage:
     """Token counts of one request and where they came from.
@@ -68,10 +77,7 @@ class Usage:
             self.completion_tokens = other.completion_tokens
             took = True
         if took:
-            mine = self.tokens_source
-            theirs = other.tokens_source
-            if mine == "none" or SOURCE_RANK.get(theirs, 0) < SOURCE_RANK.get(mine, 0):
-                self.tokens_source = theirs
+            self.tokens_source = weaker_source(self.tokens_source, other.tokens_source)
         if self.audio_s is None:
             self.audio_s = other.audio_s
         if self.images is None:

@@ -1,0 +1,8 @@
+"""wattproxy's benchmarks: ``python -m bench.run`` (``make bench``) measures the proxy against a
+direct connection, a bare aiohttp pass-through and nginx, and writes BENCHMARKS.md.
+
+Modules: ``upstream`` (a fast stand-in OpenAI server), ``bare_proxy`` (the floor of our own
+stack), ``wrk`` (load runs), ``clients`` (time to first streamed byte, 10,000 idle streams),
+``attribution_accuracy`` (work vs time weighting against a known truth), ``run`` (the driver).
+Everything listens and connects on 127.0.0.1 only.
+"""

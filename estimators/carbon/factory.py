@@ -1,0 +1,77 @@
+"""``carbon:`` config -> the intensity provider it names."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from estimators.carbon.base import IntensityProvider
+from estimators.carbon.electricitymaps import DEFAULT_TOKEN_ENV, ElectricityMapsProvider
+from estimators.carbon.table import StaticIntensity
+from estimators.carbon.ukgrid import ZONES as UK_ZONES
+from estimators.carbon.ukgrid import UKCarbonIntensityProvider
+from estimators.carbon.watttime import DEFAULT_PASSWORD_ENV, DEFAULT_USER_ENV, WattTimeProvider
+from estimators.errors import CarbonError
+
+if TYPE_CHECKING:
+    from proxy.config import CarbonConfig
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("static", "electricitymaps", "uk-carbon-intensity", "watttime")
+
+
+def watttime_credentials(
+    token_env: str | None, environ: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """WattTime's user and password: ``user:password`` in the env var named by ``token_env``,
+    else ``WATTTIME_USER`` and ``WATTTIME_PASSWORD``."""
+    if token_env:
+        raw = environ.get(token_env, "")
+        user, sep, password = raw.partition(":")
+        if not sep or not user or not password:
+            log.warning("carbon.token_env %s must hold user:password for WattTime", token_env)
+            return None, None
+        return user, password
+    return environ.get(DEFAULT_USER_ENV), environ.get(DEFAULT_PASSWORD_ENV)
+
+
+def build_provider(
+    cfg: CarbonConfig,
+    environ: Mapping[str, str] | None = None,
+    session: aiohttp.ClientSession | None = None,
+) -> IntensityProvider:
+    """The provider ``cfg.provider`` names, with its URL, token, refresh and timeout.
+
+    A live provider falls back to ``cfg.intensity_g_per_kwh`` when set, else to the table.
+    Raises ``CarbonError`` for an unknown provider name.
+    """
+    env = os.environ if environ is None else environ
+    common: dict[str, Any] = {
+        "refresh_s": cfg.refresh_s,
+        "timeout_s": cfg.timeout_s,
+        "fixed_g_per_kwh": cfg.intensity_g_per_kwh,
+        "session": session,
+    }
+    if cfg.provider == "static":
+        return StaticIntensity(cfg.intensity_g_per_kwh)
+    if cfg.provider == "electricitymaps":
+        token_env = cfg.token_env or DEFAULT_TOKEN_ENV
+        token = env.get(token_env)
+        if not token:
+            log.warning("Electricity Maps: env var %s is empty; the table will answer", token_env)
+        return ElectricityMapsProvider(token, cfg.url, **common)
+    if cfg.provider == "uk-carbon-intensity":
+        if cfg.zone.upper() not in UK_ZONES:
+            log.warning("uk-carbon-intensity covers zone GB only; zone %s gets the table", cfg.zone)
+        return UKCarbonIntensityProvider(cfg.url, **common)
+    if cfg.provider == "watttime":
+        user, password = watttime_credentials(cfg.token_env, env)
+        if not user:
+            log.warning("WattTime: no credentials in the environment; the table will answer")
+        return WattTimeProvider(user, password, cfg.url, **common)
+    raise CarbonError(f"unknown carbon provider {cfg.provider!r} (known: {', '.join(PROVIDERS)})")

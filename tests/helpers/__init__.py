@@ -1,0 +1,1 @@
+"""Helpers for tests that need real local services (a private redis-server, the shared Redis)."""
