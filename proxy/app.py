@@ -7,6 +7,7 @@ built here from the config. Startup and shutdown live in ``cleanup_ctx`` so they
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import ssl
@@ -28,8 +29,8 @@ from proxy.accounting import Accountant
 from proxy.background import Background
 from proxy.budgets import Budgets
 from proxy.config import Config, UpstreamConfig
-from proxy.errors import ConfigError
 from proxy.emissions import Emissions, RecentRecords
+from proxy.errors import ConfigError
 from proxy.forward import Forwarder
 from proxy.identity import IdentityResolver, KeyStore
 from proxy.ledger.base import Ledger, open_ledger
@@ -42,6 +43,8 @@ from proxy.tokens import TokenCounter
 
 log = logging.getLogger("wattproxy")
 
+#: The logger of the opt-in JSON access log (``log.access_log``): one line per final record.
+ACCESS_LOGGER = "wattproxy.access"
 #: Seconds a /readyz upstream probe may take.
 READY_PROBE_TIMEOUT_S = 1.0
 
@@ -131,9 +134,13 @@ def build_parts(
     recent = RecentRecords()
     budgets = Budgets(cfg.budgets, ledger)
 
+    access_log = logging.getLogger(ACCESS_LOGGER) if cfg.log.access_log else None
+
     def sink(record: RequestRecord) -> None:
         recent.add(record)
         writer.submit(record)
+        if access_log is not None:
+            access_log.info("%s", json.dumps(record.to_dict(), separators=(",", ":")))
         if budgets.enabled:
             budgets.observe(record)
 

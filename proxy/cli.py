@@ -174,10 +174,22 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    level = args.log_level
+    if level is None and getattr(args, "command", None) == "serve":
+        try:
+            level = _config(args.config).log.level
+        except ConfigError:
+            level = None  # cmd_serve reports it
     logging.basicConfig(
-        level=(args.log_level or "info").upper(),
+        level=(level or "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # the access log is JSON lines on stdout, without the plain-text prefix
+    access = logging.getLogger("wattproxy.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

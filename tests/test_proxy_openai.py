@@ -466,3 +466,23 @@ async def test_body_is_forwarded_unchanged_when_no_usage_injection_needed(
     ):
         assert r.status == 200
     assert scripted.bodies[0] == json.loads(raw)
+
+
+async def test_access_log_is_one_json_line_per_request(
+    upstream: TestServer, make_proxy: ProxyFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = proxy_config(url_of(upstream), tmp_path, log={"access_log": True})
+    proxy, _ = await make_proxy(cfg)
+    caplog.set_level("INFO", logger="wattproxy.access")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url_of(proxy) + "/v1/chat/completions", json=CHAT) as r,
+    ):
+        rid = r.headers["X-Request-Id"]
+    await final_record(url_of(proxy), rid)
+    lines = [
+        json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "wattproxy.access"
+    ]
+    assert [line["request_id"] for line in lines] == [rid]
+    assert lines[0]["final"] is True and lines[0]["energy_j"] > 0
+    assert set(lines[0]) >= {"user", "task", "model", "co2e_g", "source", "status"}
