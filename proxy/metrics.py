@@ -14,6 +14,26 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 OTHER = "_other"
 
+#: The families of the SPEC, by the names Prometheus shows (counters gain ``_total``).
+SPEC_FAMILIES = (
+    "wattproxy_requests_total",
+    "wattproxy_request_duration_seconds",
+    "wattproxy_time_to_first_byte_seconds",
+    "wattproxy_tokens_total",
+    "wattproxy_energy_joules_total",
+    "wattproxy_co2e_grams_total",
+    "wattproxy_request_energy_joules",
+    "wattproxy_device_energy_joules_total",
+    "wattproxy_unattributed_energy_joules_total",
+    "wattproxy_device_power_watts",
+    "wattproxy_grid_carbon_intensity_grams_per_kwh",
+    "wattproxy_inflight_requests",
+    "wattproxy_meter_up",
+    "wattproxy_ledger_errors_total",
+    "wattproxy_ledger_backlog_records",
+    "wattproxy_budget_rejections_total",
+)
+
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFB_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ENERGY_BUCKETS_J = (0.1, 0.5, 1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000)

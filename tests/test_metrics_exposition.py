@@ -95,3 +95,16 @@ def test_user_labels_capped_for_10000_users() -> None:
     assert len(samples) == 51
     other = [s for s in samples if s.labels["user"] == "_other"]
     assert other[0].value == 10_000 - 50
+
+
+def test_every_spec_family_is_exposed_with_help() -> None:
+    from proxy.metrics import SPEC_FAMILIES
+
+    metrics = Metrics(CollectorRegistry())
+    metrics.budget_rejections.labels("user").inc()
+    metrics.ledger_errors.labels("sqlite").inc()
+    text = metrics.exposition().decode()
+    for name in SPEC_FAMILIES:
+        base = name.removesuffix("_total")
+        assert f"# HELP {base}" in text or f"# HELP {name}" in text, name
+        assert f"# TYPE {base}" in text or f"# TYPE {name}" in text, name
