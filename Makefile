@@ -30,6 +30,7 @@ format: $(STAMP)
 services:
 	bash scripts/ensure-redis.sh
 	bash scripts/ensure-prometheus.sh
+	bash scripts/ensure-chromium.sh
 
 test: lint services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

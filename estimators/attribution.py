@@ -77,7 +77,11 @@ def split_interval(
     if total_w <= 0.0:
         even = rest_j / len(weights)
         return IntervalSplit(dict.fromkeys(weights, even), idle_j=idle_j)
-    return IntervalSplit({rid: rest_j * w / total_w for rid, w in positive.items()}, idle_j=idle_j)
+    shares = {rid: rest_j * (w / total_w) for rid, w in positive.items()}
+    # the rounding residual goes to the largest share, so the split adds up exactly
+    largest = max(shares, key=shares.__getitem__)
+    shares[largest] = max(0.0, shares[largest] + (rest_j - sum(shares.values())))
+    return IntervalSplit(shares, idle_j=idle_j)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +291,7 @@ class AttributionEngine:
             if overlap <= 0.0 and not (start == end_s and t0 < start <= t1):
                 continue
             if not work:
-                weights[rid] = MIN_SPAN_S if MIN_SPAN_S > overlap else overlap
+                weights[rid] = MIN_SPAN_S if overlap < MIN_SPAN_S else overlap
                 continue
             weights[rid] = work_of(device, f, t0, t1, overlap)
         if work and weights and sum(weights.values()) <= 0.0:
@@ -307,8 +311,8 @@ class AttributionEngine:
         prefill_overlap = (prefill_end if prefill_end < t1 else t1) - (start if start > t0 else t0)
         if prefill_overlap > 0.0 or (start == prefill_end and t0 <= start <= t1):
             span = prefill_end - start
-            span = MIN_SPAN_S if MIN_SPAN_S > span else span
-            share = MIN_SPAN_S if MIN_SPAN_S > prefill_overlap else prefill_overlap
+            span = MIN_SPAN_S if span < MIN_SPAN_S else span
+            share = MIN_SPAN_S if prefill_overlap < MIN_SPAN_S else prefill_overlap
             w += p.prefill_j_per_token * p.prompt_tokens * share / span
         if p.token_stream:
             weighed = f._tokens_weighed
@@ -317,8 +321,8 @@ class AttributionEngine:
             weighed[device] = decoded
         else:
             span = (t1 if f.end_s is None else f.end_s) - start
-            span = MIN_SPAN_S if MIN_SPAN_S > span else span
-            share = MIN_SPAN_S if MIN_SPAN_S > overlap else overlap
+            span = MIN_SPAN_S if span < MIN_SPAN_S else span
+            share = MIN_SPAN_S if overlap < MIN_SPAN_S else overlap
             w += p.expected_j * share / span
         return w
 

@@ -145,7 +145,7 @@ class LedgerConfig(_Model):
     @classmethod
     def _url(cls, value: str) -> str:
         scheme = urlsplit(value).scheme
-        if scheme not in ("sqlite", "redis", "rediss", "memory"):
+        if scheme not in ("sqlite", "redis", "rediss"):
             raise ValueError(f"must be sqlite:///PATH, redis://... or rediss://..., got {value!r}")
         return value
 

@@ -44,6 +44,8 @@ DEFAULT_KEY_PREFIX = "wp"
 SOCKET_TIMEOUT_S = 2.0  # one command's reply
 SOCKET_CONNECT_TIMEOUT_S = 1.0  # one TCP (and TLS) connect
 HEALTH_CHECK_INTERVAL_S = 15  # PING an idle pooled connection before reuse
+MAX_CONNECTIONS = 64  # per process; callers beyond it wait for a free connection
+POOL_TIMEOUT_S = 2.0  # longest wait for a free pooled connection
 RETRY_BASE_S = 0.05  # first backoff of redis-py's own retry
 RETRY_CAP_S = 0.5  # longest backoff of redis-py's own retry
 RETRIES = 2  # retries of one command on connection errors (the writer retries further)
@@ -167,8 +169,10 @@ class RedisLedger(Ledger):
     def _connect(self) -> aioredis.Redis:
         if self._client is None:
             try:
-                client = aioredis.Redis.from_url(
+                pool = aioredis.BlockingConnectionPool.from_url(
                     self.url,
+                    max_connections=MAX_CONNECTIONS,
+                    timeout=POOL_TIMEOUT_S,
                     socket_timeout=SOCKET_TIMEOUT_S,
                     socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_S,
                     health_check_interval=HEALTH_CHECK_INTERVAL_S,
@@ -176,6 +180,7 @@ class RedisLedger(Ledger):
                     retry_on_error=[RedisConnectionError, RedisTimeoutError],
                     decode_responses=True,
                 )
+                client = aioredis.Redis(connection_pool=pool)
             except (ValueError, RedisError) as e:
                 raise LedgerError(f"ledger.url: cannot use {self.url!r}: {e}") from e
             self._script = client.register_script(RECORD_SCRIPT)
@@ -192,6 +197,7 @@ class RedisLedger(Ledger):
             client, self._client = self._client, None
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
+                await client.connection_pool.disconnect()
 
     async def ping(self) -> bool:
         try:

@@ -89,7 +89,7 @@ class SQLiteLedger(Ledger):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(SCHEMA)
-            except sqlite3.Error as e:
+            except (sqlite3.Error, OSError) as e:
                 raise LedgerError(f"cannot open SQLite ledger {self.path}: {e}") from e
             self._conn = conn
         return self._conn

@@ -142,6 +142,12 @@ class LedgerWriter:
             reason = str(e) or f"no answer within {self.write_timeout_s} s"
             log.warning("ledger write of %d records failed: %s", len(batch), reason)
             return False
+        except Exception:
+            # a backend that let an error through untranslated: keep the records and the writer
+            self._failures += 1
+            self.metrics.ledger_errors.labels(self.ledger.backend).inc()
+            log.exception("ledger write of %d records failed unexpectedly", len(batch))
+            return False
         self._failures = 0
         return True
 
