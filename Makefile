@@ -7,15 +7,27 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test lint format bench services clean
 
-$(STAMP): pyproject.toml
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_EXTRAS := dev,e2e
+
+# $(call install,EXTRAS): create .venv if needed and install the project with EXTRAS
+define install
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "wattproxy needs Python >= 3.11 (set PYTHON=python3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[$(1)]'
+	touch $@
+endef
 
-demo: $(STAMP)
+# tests: lint tools, test tools, and torch (CPU) + transformers serve for the end-to-end test
+$(STAMP): pyproject.toml
+	$(call install,$(TEST_EXTRAS))
+
+$(DEMO_STAMP): pyproject.toml
+	$(call install,fast)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/wattproxy demo
 
 lint: $(STAMP)
