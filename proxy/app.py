@@ -13,9 +13,12 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from estimators.attribution import AttributionEngine, IdlePolicy, Weighting
@@ -30,8 +33,9 @@ from proxy.background import Background
 from proxy.budgets import Budgets
 from proxy.config import Config, UpstreamConfig
 from proxy.emissions import Emissions, RecentRecords
-from proxy.errors import ConfigError
-from proxy.forward import Forwarder
+from proxy.errors import ConfigError, ProxyError
+from proxy.forward import BudgetCheck, Forwarder, check_target, json_error
+from proxy.headers import request_id
 from proxy.identity import IdentityResolver, KeyStore
 from proxy.ledger.base import Ledger, open_ledger
 from proxy.ledger.spool import Spool
@@ -47,6 +51,12 @@ log = logging.getLogger("wattproxy")
 ACCESS_LOGGER = "wattproxy.access"
 #: Seconds a /readyz upstream probe may take.
 READY_PROBE_TIMEOUT_S = 1.0
+#: Bytes of one request header line (name and value) and headers per request; past them the
+#: request is refused with 400 before any handler runs (aiohttp's parser enforces both).
+MAX_HEADER_FIELD_BYTES = 8190
+MAX_HEADERS = 128
+#: Config sections a SIGHUP reload does not apply (listeners, meter, ledger...): restart.
+RESTART_ONLY = ("listen", "meter", "attribution", "carbon", "ledger", "metrics", "admin_token_env")
 
 
 @dataclass
@@ -70,9 +80,51 @@ class Parts:
     carbon: CarbonClock | None = None
     background: Background = field(default_factory=Background)
     budgets: Budgets | None = None
+    #: upstream sessions replaced by a reload: requests may still stream through them
+    retired_sessions: list[aiohttp.ClientSession] = field(default_factory=list)
 
 
 PARTS = web.AppKey("wattproxy_parts", Parts)
+FORWARDER = web.AppKey("wattproxy_forwarder", Forwarder)
+
+
+class PeerErrorLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger, minus the traceback of a malformed request: a peer's bad bytes
+    are its own problem, logged on one line and without the bytes (a header may hold a key)."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            kwargs["exc_info"] = None
+            msg = f"{msg}: refused a malformed request (%s, HTTP %s)"
+            args = (*args, type(exc).__name__, exc.code)
+            level = min(level, logging.INFO)
+        super().log(level, msg, *args, **kwargs)
+
+
+def handler_args(cfg: Config) -> dict[str, Any]:
+    """Per-connection limits of the main listener. aiohttp has no header read timeout, but
+    its keep-alive timer runs from the moment a connection opens (and from the end of each
+    response) and closes a connection still waiting for a complete request head: set to
+    ``listen.read_timeout_s`` it is the slow-loris guard for headers (bodies: ``forward``)."""
+    return {
+        "keepalive_timeout": cfg.listen.read_timeout_s,
+        "max_field_size": MAX_HEADER_FIELD_BYTES,
+        "max_line_size": MAX_HEADER_FIELD_BYTES,
+        "max_headers": MAX_HEADERS,
+        "logger": PeerErrorLog(logging.getLogger("aiohttp.server"), {}),
+    }
+
+
+@web.middleware
+async def refuse_foreign_targets(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """CONNECT, absolute-form targets, encoded slashes and traversal get a JSON 400 before
+    routing: this is a reverse proxy, never an open one."""
+    try:
+        check_target(request.method, request.raw_path, request.path)
+    except ProxyError as err:
+        return json_error(err, request_id(request.headers.get("X-Request-Id")))
+    return await handler(request)
 
 
 def _carbon_clock(cfg: Config, metrics: Metrics, environ: Mapping[str, str]) -> CarbonClock:
@@ -134,15 +186,17 @@ def build_parts(
     recent = RecentRecords()
     budgets = Budgets(cfg.budgets, ledger)
 
-    access_log = logging.getLogger(ACCESS_LOGGER) if cfg.log.access_log else None
+    access_log = logging.getLogger(ACCESS_LOGGER)
+    current: list[Parts] = []  # set below; read on each record, as a reload swaps parts
 
     def sink(record: RequestRecord) -> None:
         recent.add(record)
         writer.submit(record)
-        if access_log is not None:
+        live = current[0]
+        if live.cfg.log.access_log:
             access_log.info("%s", json.dumps(record.to_dict(), separators=(",", ":")))
-        if budgets.enabled:
-            budgets.observe(record)
+        if live.budgets is not None and live.budgets.enabled:
+            live.budgets.observe(record)
 
     holder: dict[str, Accountant] = {}
     meter = (
@@ -182,6 +236,7 @@ def build_parts(
         carbon=carbon,
         budgets=budgets,
     )
+    current.append(parts)
     for device in meter.devices():
         metrics.meter_up.labels(device, meter.kind).set(0)
     return parts
@@ -225,7 +280,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await bg.cancel_all()
     if parts.carbon is not None:
         await parts.carbon.provider.close()
-    for session in parts.sessions.values():
+    for session in [*parts.sessions.values(), *parts.retired_sessions]:
         await session.close()
     await parts.sampler.read_once()  # cover the last requests' ends
     parts.accountant.drain()
@@ -278,10 +333,71 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+def _budget_check(budgets: Budgets | None) -> BudgetCheck | None:
+    return budgets.check if budgets is not None and budgets.enabled else None
+
+
+def _upstream_keys(cfg: Config) -> dict[str, str]:
+    return {u.name: os.environ.get(u.api_key_env, "") for u in cfg.upstreams if u.api_key_env}
+
+
+async def apply_config(app: web.Application, new: Config) -> list[str]:
+    """Apply a reloaded config to the running app: upstreams and routing, identity keys,
+    budgets, limits, the access log. Everything is prepared first (sessions, tokenizers, the
+    keys file) and then swapped with no await in between, so a request sees the old config or
+    the new one, never a mix; requests in flight finish on the upstream they were routed to.
+
+    Returns the changed sections that a reload does not apply (they keep their old values).
+    Raises ``ConfigError`` (and changes nothing) when the new keys file cannot be used.
+    """
+    parts = app[PARTS]
+    old = parts.cfg
+    held = {name: getattr(old, name) for name in RESTART_ONLY}
+    needs_restart = [name for name in RESTART_ONLY if getattr(new, name) != held[name]]
+    cfg = new.model_copy(update=held)
+    keys = KeyStore.load(cfg.identity.keys_file) if cfg.identity.keys_file else None
+    before = {u.name: u for u in old.upstreams}
+    sessions: dict[str, aiohttp.ClientSession] = {}
+    for upstream in cfg.upstreams:
+        prior = parts.sessions.get(upstream.name)
+        same = before.get(upstream.name) == upstream
+        sessions[upstream.name] = prior if prior is not None and same else _session(upstream)
+    counters: dict[str, TokenCounter] = {}
+    for upstream in cfg.upstreams:
+        if not upstream.model_path:
+            continue
+        counter = parts.counters.get(upstream.name)
+        if counter is None or before[upstream.name].model_path != upstream.model_path:
+            counter = TokenCounter(upstream.model_path)
+            await asyncio.to_thread(counter.load)
+        counters[upstream.name] = counter
+    budgets = parts.budgets
+    if budgets is None or cfg.budgets != old.budgets:
+        budgets = Budgets(cfg.budgets, parts.ledger)
+    # -- the swap: no await from here on --------------------------------------------------
+    parts.retired_sessions.extend(s for n, s in parts.sessions.items() if sessions.get(n) is not s)
+    parts.cfg = cfg
+    parts.sessions = sessions
+    parts.router = Router(cfg.upstreams)
+    parts.counters.clear()
+    parts.counters.update(counters)
+    parts.identity.keys = keys
+    parts.identity.allow_header_identity = cfg.identity.allow_header_identity
+    parts.budgets = budgets
+    app[FORWARDER].reconfigure(
+        cfg, parts.router, sessions, _budget_check(budgets), _upstream_keys(cfg)
+    )
+    return needs_restart
+
+
 def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web.Application:
     """The proxy application. ``kwargs`` go to ``build_parts`` (meter, ledger, registry)."""
     parts = parts if parts is not None else build_parts(cfg, **kwargs)  # type: ignore[arg-type]
-    app = web.Application(client_max_size=cfg.limits.max_body_bytes)
+    app = web.Application(
+        client_max_size=cfg.limits.max_body_bytes,
+        handler_args=handler_args(cfg),
+        middlewares=[refuse_foreign_targets],
+    )
     app[PARTS] = parts
     admin_token = os.environ.get(cfg.admin_token_env) or None
     emissions = Emissions(parts.ledger, parts.accountant, parts.recent, parts.identity, admin_token)
@@ -293,13 +409,10 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
         parts.identity,
         parts.metrics,
         counters=parts.counters,
-        budget_check=(
-            parts.budgets.check if parts.budgets is not None and parts.budgets.enabled else None
-        ),
-        upstream_keys={
-            u.name: os.environ.get(u.api_key_env, "") for u in cfg.upstreams if u.api_key_env
-        },
+        budget_check=_budget_check(parts.budgets),
+        upstream_keys=_upstream_keys(cfg),
     )
+    app[FORWARDER] = forwarder
 
     async def metrics(request: web.Request) -> web.Response:
         return await metrics_handler(request, parts.metrics)

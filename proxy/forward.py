@@ -47,6 +47,15 @@ from proxy.usage.base import (
 log = logging.getLogger("wattproxy.forward")
 
 BODY_METHODS = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+
+
+class RequestTimeout(ProxyError):
+    """The client did not send its request body within ``listen.read_timeout_s``."""
+
+    status = 408
+    type = "request_timeout"
+
+
 #: Budget check: raises ``BudgetExceeded`` for an identity over its budget.
 BudgetCheck = Callable[[Identity], Awaitable[None]]
 
@@ -80,24 +89,39 @@ def is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
-async def read_limited(request: web.Request, limit: int) -> bytes:
-    chunks = []
+async def _body_chunks(
+    request: web.Request, limit: int, timeout_s: float | None
+) -> AsyncIterator[bytes]:
+    """The request body as it arrives: refused once it passes ``limit`` bytes, or when the
+    whole body has not arrived ``timeout_s`` seconds after the first read (slow-loris guard)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
     size = 0
-    async for chunk in request.content.iter_any():
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {timeout_s:g} s"
+            ) from None
+        if not chunk:
+            return
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
 
 
-async def counted_body(request: web.Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives, refused once it passes ``limit``."""
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+async def read_limited(request: web.Request, limit: int, timeout_s: float | None = None) -> bytes:
+    return b"".join([chunk async for chunk in _body_chunks(request, limit, timeout_s)])
+
+
+async def counted_body(
+    request: web.Request, limit: int, timeout_s: float | None = None
+) -> AsyncIterator[bytes]:
+    """The request body as it arrives, refused once it passes ``limit`` or ``timeout_s``."""
+    async for chunk in _body_chunks(request, limit, timeout_s):
         yield chunk
 
 
@@ -141,6 +165,22 @@ class Forwarder:
         self.budget_check = budget_check
         self.upstream_keys = upstream_keys or {}
 
+    def reconfigure(
+        self,
+        cfg: Config,
+        router: Router,
+        sessions: dict[str, aiohttp.ClientSession],
+        budget_check: BudgetCheck | None,
+        upstream_keys: dict[str, str],
+    ) -> None:
+        """Swap in a reloaded config. No await here, so every request sees either the old
+        state or the new one; requests already routed finish on their old upstream."""
+        self.cfg = cfg
+        self.router = router
+        self.sessions = sessions
+        self.budget_check = budget_check
+        self.upstream_keys = upstream_keys
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rid = request_id(request.headers.get("X-Request-Id"))
         task: str | None = None
@@ -161,6 +201,7 @@ class Forwarder:
         self, request: web.Request
     ) -> tuple[UpstreamConfig, RequestPlan, Any]:
         limit = self.cfg.limits.max_body_bytes
+        read_timeout_s = self.cfg.listen.read_timeout_s
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
         path = request.path
@@ -168,7 +209,7 @@ class Forwarder:
         data: Any = None
         if request.method in BODY_METHODS and request.body_exists:
             if is_json(request.content_type):
-                body = await read_limited(request, limit)
+                body = await read_limited(request, limit, read_timeout_s)
                 data = body
                 try:
                     doc = parse_json(body) if body else None
@@ -180,7 +221,7 @@ class Forwarder:
                 if doc is not None and candidates:
                     plan = for_api(candidates[0].api).plan(path, doc)
             else:
-                data = counted_body(request, limit)
+                data = counted_body(request, limit, read_timeout_s)
                 plan.upload = upload_probe(request.headers.get("Content-Type", ""))
                 if plan.upload is not None:
                     data = observed(data, plan.upload)
@@ -261,6 +302,8 @@ class Forwarder:
                 outcome = "upstream_timeout" if err.status == 504 else "upstream_unavailable"
                 if isinstance(err, PayloadTooLarge):
                     outcome = "payload_too_large"
+                elif isinstance(err, RequestTimeout):
+                    outcome = "client_timeout"
                 return json_error(err, rid, task)
             status = resp.status
             out, relay = await self._start_response(request, resp, rid, task, upstream, plan)
@@ -280,7 +323,9 @@ class Forwarder:
     async def _send(
         self, request: web.Request, upstream: UpstreamConfig, rid: str, data: Any
     ) -> aiohttp.ClientResponse:
-        session = self.sessions[upstream.name]
+        session = self.sessions.get(upstream.name)
+        if session is None or session.closed:  # removed by a config reload meanwhile
+            raise UpstreamUnavailable(f"upstream {upstream.name!r} is no longer configured")
         url = upstream.url + request.raw_path
         headers = self._upstream_headers(request, upstream, rid)
         try:
@@ -292,18 +337,29 @@ class Forwarder:
                     data=data,
                     allow_redirects=False,
                 )
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {upstream.name!r} did not accept a connection within "
+                f"{upstream.timeouts.connect_s:g} s"
+            ) from None
         except TimeoutError:
             raise UpstreamTimeout(
                 f"upstream {upstream.name!r} did not answer within "
                 f"{upstream.timeouts.first_byte_s:g} s"
             ) from None
-        except PayloadTooLarge:
+        except (PayloadTooLarge, RequestTimeout):
             raise
-        except aiohttp.ClientConnectorError as e:
+        except aiohttp.ClientError as e:
+            if isinstance(e.__cause__, PayloadTooLarge | RequestTimeout):
+                raise e.__cause__ from None  # the client's streamed body broke the limits
+            if isinstance(e, aiohttp.ClientConnectorError):
+                raise UpstreamUnavailable(
+                    f"upstream {upstream.name!r} is unreachable: {e.os_error.strerror or e}"
+                ) from None
             raise UpstreamUnavailable(
-                f"upstream {upstream.name!r} is unreachable: {e.os_error.strerror or e}"
+                f"upstream {upstream.name!r} failed: {type(e).__name__}"
             ) from None
-        except (aiohttp.ClientError, OSError) as e:
+        except OSError as e:
             raise UpstreamUnavailable(
                 f"upstream {upstream.name!r} failed: {type(e).__name__}"
             ) from None
@@ -420,6 +476,8 @@ class Forwarder:
             else:
                 usage.completion_tokens = estimate_tokens(usage.generated_text)
                 usage.tokens_source = weaker_source(usage.tokens_source, "estimate")
+        if usage.prompt_tokens == 0 and plan.prompt_text.strip():
+            usage.prompt_tokens = None  # a zero count for a prompt is a placeholder: recount
         if usage.prompt_tokens is None and (plan.prompt_text or plan.messages or plan.prompt_parts):
             if counter is not None and plan.prompt_parts:
                 usage.prompt_tokens = sum(counter.count_prompt(None, p) for p in plan.prompt_parts)
@@ -433,6 +491,8 @@ class Forwarder:
         if plan.upload is not None:
             uploaded = plan.upload.finish()
             usage.audio_s = uploaded.audio_s if uploaded.audio_s is not None else usage.audio_s
+        for key, value in plan.extra.items():  # what the request said (image size, steps)
+            usage.extra.setdefault(key, value)
         if usage.images is None:
             usage.images = plan.images
         return usage

@@ -1,5 +1,12 @@
 """Runs the proxy: listeners (main, optional /metrics and TLS), uvloop when available, graceful
-shutdown on SIGTERM/SIGINT, config reload on SIGHUP."""
+shutdown on SIGTERM/SIGINT, config reload on SIGHUP.
+
+SIGTERM/SIGINT: stop accepting, let requests in flight (streams included) finish for up to
+``listen.shutdown_grace_s``, then cancel what is left, read the meter once more and flush the
+ledger (replaying the spool when the backend is back). SIGHUP: read the config file again and
+apply what can change live (``app.apply_config``); an invalid file is logged and the running
+config kept. Listeners are never closed by a reload.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,14 @@ import contextlib
 import logging
 import signal
 import ssl
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from proxy.app import PARTS, create_app
-from proxy.config import Config
+from proxy.app import PARTS, apply_config, create_app
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError
 from proxy.metrics import metrics_handler
 
 log = logging.getLogger("wattproxy")
@@ -27,48 +37,151 @@ def _ssl_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def _port(runner: web.AppRunner) -> int:
+    return int(runner.addresses[0][1])
+
+
+class Service:
+    """The listeners of one proxy process, started, reloaded and stopped together.
+
+    Args:
+        cfg: the config it starts with.
+        config_path: the file SIGHUP reads again (None: nothing to reload).
+        parts_kwargs: passed to ``create_app`` (tests: meter, ledger, registry).
+    """
+
+    def __init__(self, cfg: Config, config_path: str | None = None, **parts_kwargs: Any) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.app = create_app(cfg, **parts_kwargs)
+        self._log_level = cfg.log.level
+        self._reload_lock = asyncio.Lock()
+        self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        # handler_cancellation: a request whose client went away stops, and so does its
+        # upstream request (what aiohttp's test server does too)
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=cfg.listen.shutdown_grace_s,
+        )
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, ssl_context=_ssl_context(cfg))
+        await site.start()
+        if cfg.listen.metrics_port is not None:
+            parts = self.app[PARTS]
+            mapp = web.Application()
+
+            async def metrics(request: web.Request) -> web.Response:
+                return await metrics_handler(request, parts.metrics)
+
+            mapp.router.add_get("/metrics", metrics)
+            self._metrics_runner = web.AppRunner(mapp, access_log=None, handle_signals=False)
+            await self._metrics_runner.setup()
+            host = cfg.listen.metrics_host or cfg.listen.host
+            await web.TCPSite(self._metrics_runner, host, cfg.listen.metrics_port).start()
+        log.info(
+            "wattproxy listening on %s:%s%s",
+            cfg.listen.host,
+            self.port,
+            " (TLS)" if cfg.listen.tls is not None else "",
+        )
+
+    @property
+    def port(self) -> int:
+        """The main listener's port (the one bound when ``listen.port`` is 0)."""
+        assert self._runner is not None, "not started"
+        return _port(self._runner)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics_runner is None else _port(self._metrics_runner)
+
+    async def reload(self) -> bool:
+        """Read the config file again and apply it; False (old config kept) when it is
+        invalid or there is no file."""
+        path = self.config_path
+        if path is None:
+            log.warning("reload: started without a config file; nothing to reload")
+            return False
+        async with self._reload_lock:
+            try:
+                new = await asyncio.to_thread(load_config, path)
+                restart = await apply_config(self.app, new)
+            except ConfigError as err:
+                log.error(
+                    "reload of %s failed; the running config stays:\n  %s",
+                    path,
+                    "\n  ".join(err.problems),
+                )
+                return False
+            if new.log.level != self._log_level:
+                logging.getLogger().setLevel(new.log.level.upper())
+                self._log_level = new.log.level
+            names = ", ".join(u.name for u in new.upstreams)
+            log.info("reloaded %s: upstreams %s", path, names)
+            if restart:
+                log.warning("reload: changes to %s apply after a restart", ", ".join(restart))
+            return True
+
+    async def stop(self) -> None:
+        """Stop accepting, finish requests in flight (up to ``listen.shutdown_grace_s``),
+        then flush the ledger (the app's cleanup)."""
+        log.info(
+            "shutting down: finishing in-flight requests (up to %ss)",
+            self.cfg.listen.shutdown_grace_s,
+        )
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+
+
+def _default_config_path(config_path: str | None) -> str | None:
+    """The file ``serve`` read: --config, else ./config.yaml when present (as the CLI does)."""
+    from proxy.cli import DEFAULT_CONFIG
+
+    if config_path is None and Path(DEFAULT_CONFIG).is_file():
+        return DEFAULT_CONFIG
+    return config_path
+
+
 async def run(
     cfg: Config, config_path: str | None = None, ready: asyncio.Event | None = None
 ) -> None:
-    """Serve until SIGTERM or SIGINT."""
-    app = create_app(cfg)
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=cfg.listen.shutdown_grace_s
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, ssl_context=_ssl_context(cfg))
-    await site.start()
-    metrics_runner: web.AppRunner | None = None
-    if cfg.listen.metrics_port is not None:
-        parts = app[PARTS]
-        mapp = web.Application()
-
-        async def metrics(request: web.Request) -> web.Response:
-            return await metrics_handler(request, parts.metrics)
-
-        mapp.router.add_get("/metrics", metrics)
-        metrics_runner = web.AppRunner(mapp, access_log=None, handle_signals=False)
-        await metrics_runner.setup()
-        await web.TCPSite(
-            metrics_runner, cfg.listen.metrics_host or cfg.listen.host, cfg.listen.metrics_port
-        ).start()
-    log.info("wattproxy listening on %s:%s", cfg.listen.host, cfg.listen.port)
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+    service = Service(cfg, _default_config_path(config_path))
+    await service.start()
     stop = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
     loop = asyncio.get_running_loop()
+
+    def on_hup() -> None:
+        task = loop.create_task(service.reload(), name="wattproxy:reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
-        log.info(
-            "shutting down: finishing in-flight requests (up to %ss)", cfg.listen.shutdown_grace_s
-        )
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
-        await runner.cleanup()
+        for task in reloads:
+            task.cancel()
+        await service.stop()
 
 
 def serve(cfg: Config, config_path: str | None = None) -> int:

@@ -26,6 +26,7 @@ NS_PER_S = 1e9
 
 _DONE = re.compile(rb'"done"\s*:\s*true')
 _CONTENT = re.compile(rb'"(?:response|content|thinking)"\s*:\s*"(?!")')
+_TEXT = re.compile(rb'"(?:response|content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
 class NDJSONFramer:
@@ -123,7 +124,7 @@ def _final(usage: Usage, obj: dict[str, Any]) -> None:
 
 class OllamaStream(StreamUsage):
     """Incremental parser of an NDJSON answer: counts content lines, decodes only the ``done``
-    line (and content lines when text is collected)."""
+    line (and, when text is collected, the content string of each line)."""
 
     def __init__(self, collect_text: bool = False) -> None:
         self.collect_text = collect_text
@@ -152,21 +153,18 @@ class OllamaStream(StreamUsage):
         content = _CONTENT.search(line) is not None
         if content and not final:
             self.tokens += 1
-        if not final and not (content and self.collect_text):
+        if content and self.collect_text and not final:
+            text = openai.string_field(line, _TEXT)
+            if text is not None and self._text_len < openai.MAX_COLLECTED_TEXT:
+                self._text.append(text)
+                self._text_len += len(text)
+        if not final:
             return
         try:
             obj = parse_json(line)
         except ValueError:
             return
-        if not isinstance(obj, dict):
-            return
-        if content and self.collect_text:
-            message = obj.get("message")
-            text = message.get("content") if isinstance(message, dict) else obj.get("response")
-            if isinstance(text, str) and self._text_len < openai.MAX_COLLECTED_TEXT:
-                self._text.append(text)
-                self._text_len += len(text)
-        if final:
+        if isinstance(obj, dict):
             self.done = True
             _final(self._usage, obj)
 
@@ -175,12 +173,7 @@ class OllamaStream(StreamUsage):
         return "".join(self._text)
 
     def finish(self) -> Usage:
-        usage = self._usage
-        if usage.completion_tokens is None:
-            usage.completion_tokens = self.tokens
-            if usage.tokens_source != "server":
-                usage.tokens_source = "estimate"
-        return usage
+        return openai.finish_stream(self._usage, self.tokens)
 
 
 def stream_parser(

@@ -20,7 +20,15 @@ import re
 from typing import Any
 
 from proxy.usage.audio import WavStream
-from proxy.usage.base import RequestPlan, SSEFramer, StreamUsage, Usage, parse_json, sse_data
+from proxy.usage.base import (
+    RequestPlan,
+    SSEFramer,
+    StreamUsage,
+    Usage,
+    parse_json,
+    sse_data,
+    weaker_source,
+)
 
 STREAM_USAGE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 #: APIs whose streams are named events with usage nested in them.
@@ -35,6 +43,7 @@ _INPUT_TOKENS = re.compile(rb'"(?:input_tokens|prompt_tokens)"\s*:\s*(\d+)')
 _OUTPUT_TOKENS = re.compile(rb'"(?:output_tokens|completion_tokens)"\s*:\s*(\d+)')
 _DELTA_EVENT = re.compile(rb'"type"\s*:\s*"(?:response\.output_text\.delta|content_block_delta)"')
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_DELTA_TEXT = re.compile(rb'"(?:delta|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
 def _text_of(content: Any) -> str:
@@ -166,16 +175,43 @@ def _pairs(doc: dict[str, Any]) -> list[str] | None:
     return [p for q, t in zip(queries, texts, strict=False) for p in (q, t)]
 
 
+def string_field(data: bytes, pattern: re.Pattern[bytes]) -> str | None:
+    """The JSON string ``pattern`` finds (group 1: the raw literal), decoded on its own: a
+    text delta is read without decoding the event around it."""
+    m = pattern.search(data)
+    if m is None:
+        return None
+    try:
+        value = parse_json(b'"' + m.group(1) + b'"')
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def finish_stream(usage: Usage, chunks: int) -> Usage:
+    """Usage at a stream's end. A missing completion count, or a zero one for a stream that
+    carried text (the placeholder some servers send), becomes the count of text chunks."""
+    if usage.completion_tokens is None or (usage.completion_tokens == 0 and chunks > 0):
+        usage.completion_tokens = chunks
+        usage.tokens_source = weaker_source(usage.tokens_source, "estimate")
+    return usage
+
+
 class OpenAISSE(StreamUsage):
     """Incremental parser of an OpenAI-style SSE response.
 
     Args:
         strip_usage: the proxy injected include_usage; remove what the client did not ask for.
         collect_text: keep streamed text (bounded) for counting with a tokenizer.
+        strip_nulls: with ``strip_usage``, also remove the ``"usage":null`` that OpenAI adds to
+            every chunk once usage is asked for; off for servers that always send it (TGI).
     """
 
-    def __init__(self, strip_usage: bool = False, collect_text: bool = False) -> None:
+    def __init__(
+        self, strip_usage: bool = False, collect_text: bool = False, strip_nulls: bool = True
+    ) -> None:
         self.strip_usage = strip_usage
+        self.strip_nulls = strip_nulls
         self.collect_text = collect_text
         self.tokens = 0
         self.done = False
@@ -193,7 +229,7 @@ class OpenAISSE(StreamUsage):
         out = []
         for event in self._framer.push(chunk):
             if self._inspect(event):
-                if b"null" in event and b'"usage"' in event:
+                if self.strip_nulls and b"null" in event and b'"usage"' in event:
                     event = _USAGE_NULL.sub(b"", event)
                 out.append(event)
         return b"".join(out)
@@ -253,12 +289,7 @@ class OpenAISSE(StreamUsage):
         return "".join(self._text)
 
     def finish(self) -> Usage:
-        usage = self._usage
-        if usage.completion_tokens is None:
-            usage.completion_tokens = self.tokens
-            if usage.tokens_source != "server":
-                usage.tokens_source = "estimate"
-        return usage
+        return finish_stream(self._usage, self.tokens)
 
 
 def _merge_usage(usage: Usage, u: dict[str, Any]) -> None:
@@ -319,19 +350,16 @@ class EventSSE(StreamUsage):
         has_usage = b'"usage"' in data and (
             b'"input_tokens"' in data or b'"output_tokens"' in data or b'"prompt_tokens"' in data
         )
-        if not has_usage and not (delta and self.collect_text):
+        if delta and self.collect_text:
+            self._collect(data)
+        if not has_usage:
             return
         try:
             obj = parse_json(data)
         except ValueError:
-            if has_usage:
-                self._scan_counts(data)
+            self._scan_counts(data)
             return
-        if not isinstance(obj, dict):
-            return
-        if delta and self.collect_text:
-            self._collect(obj)
-        if has_usage:
+        if isinstance(obj, dict):
             holder = obj.get("response") or obj.get("message") or obj
             usage = holder.get("usage") if isinstance(holder, dict) else None
             if not isinstance(usage, dict):
@@ -351,10 +379,9 @@ class EventSSE(StreamUsage):
             int(completion.group(1)) if completion else None,
         )
 
-    def _collect(self, obj: dict[str, Any]) -> None:
-        delta = obj.get("delta")
-        text = delta.get("text") if isinstance(delta, dict) else delta
-        if isinstance(text, str) and self._text_len < MAX_COLLECTED_TEXT:
+    def _collect(self, data: bytes) -> None:
+        text = string_field(data, _DELTA_TEXT)
+        if text is not None and self._text_len < MAX_COLLECTED_TEXT:
             self._text.append(text)
             self._text_len += len(text)
 
@@ -363,12 +390,7 @@ class EventSSE(StreamUsage):
         return "".join(self._text)
 
     def finish(self) -> Usage:
-        usage = self._usage
-        if usage.completion_tokens is None:
-            usage.completion_tokens = self.tokens
-            if usage.tokens_source != "server":
-                usage.tokens_source = "estimate"
-        return usage
+        return finish_stream(self._usage, self.tokens)
 
 
 def _generated_text(doc: dict[str, Any]) -> str | None:
@@ -406,8 +428,13 @@ def usage_from_body(path: str, doc: Any) -> Usage:
             usage.merge_server(tokens.get("input_tokens"), tokens.get("output_tokens", 0))
     if "/images/" in path and isinstance(doc.get("data"), list):
         usage.images = len(doc["data"])
-    if usage.completion_tokens is None and not path.endswith(("/embeddings", "/rerank", "/score")):
-        usage.generated_text = _generated_text(doc)
+    if usage.completion_tokens in (None, 0) and not path.endswith(
+        ("/embeddings", "/rerank", "/score")
+    ):
+        text = _generated_text(doc)
+        if usage.completion_tokens is None or text:  # a zero count for a text is a placeholder
+            usage.completion_tokens = None
+            usage.generated_text = text
     return usage
 
 

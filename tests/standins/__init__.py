@@ -73,9 +73,7 @@ class Recorder:
         await resp.write(data)
 
 
-def upstream_config(
-    url: str, tmp_path: Path, api: str, name: str = "x", **upstream: Any
-) -> Config:
+def upstream_config(url: str, tmp_path: Path, api: str, name: str = "x", **upstream: Any) -> Config:
     """A proxy config with one upstream of the given API."""
     return proxy_config(
         url, tmp_path, upstreams=[{"name": name, "url": url, "api": api, **upstream}]

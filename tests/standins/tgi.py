@@ -53,7 +53,9 @@ class TGI(Recorder):
     async def info(self, request: web.Request) -> web.Response:
         return web.json_response({"model_id": "stand-in", "version": "3.0.0"})
 
-    def _run(self, inputs: str, params: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], str]:
+    def _run(
+        self, inputs: str, params: dict[str, Any]
+    ) -> tuple[list[str], list[dict[str, Any]], str]:
         """Prompt tokens, generated tokens, finish reason."""
         prompt = ["<s>", *words(inputs)]
         n = int(params.get("max_new_tokens") or self.default_max_new_tokens)
@@ -120,9 +122,12 @@ class TGI(Recorder):
         resp = await self.open_stream(
             request,
             "text/event-stream",
-            {"cache-control": "no-cache", "x-compute-type": "gpu+optimized",
-             "x-accel-buffering": "no"},
-        )  # fmt: skip
+            {
+                "cache-control": "no-cache",
+                "x-compute-type": "gpu+optimized",
+                "x-accel-buffering": "no",
+            },
+        )
         if self.keep_alive_first:
             await self.write(resp, b":\n\n")
         for i, token in enumerate(tokens):
@@ -178,12 +183,24 @@ class TGI(Recorder):
             else:
                 choice["text"] = self._text(tokens)
             choice.update({"logprobs": None, "finish_reason": finish})
-            body = {"object": obj, "id": "", "created": created, "model": model,
-                    "system_fingerprint": "3.0.0-native", "choices": [choice], "usage": usage}  # fmt: skip
+            body = {
+                "object": obj,
+                "id": "",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "3.0.0-native",
+                "choices": [choice],
+                "usage": usage,
+            }
             return self.reply(compact(body), "application/json")
         resp = await self.open_stream(request, "text/event-stream")
-        base = {"object": obj + ".chunk" if chat else obj, "id": "", "created": created,
-                "model": model, "system_fingerprint": "3.0.0-native"}  # fmt: skip
+        base = {
+            "object": obj + ".chunk" if chat else obj,
+            "id": "",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "3.0.0-native",
+        }
         for i, token in enumerate(tokens):
             last = i == len(tokens) - 1
             c: dict[str, Any] = {"index": 0}
@@ -196,7 +213,9 @@ class TGI(Recorder):
             chunk = {**base, "choices": [c], "usage": None}
             await self.write(resp, b"data:" + compact(chunk) + b"\n\n")
         if (doc.get("stream_options") or {}).get("include_usage"):
-            await self.write(resp, b"data:" + compact({**base, "choices": [], "usage": usage}) + b"\n\n")
+            await self.write(
+                resp, b"data:" + compact({**base, "choices": [], "usage": usage}) + b"\n\n"
+            )
         await self.write(resp, b"data:[DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -1,0 +1,198 @@
+"""The task of a local model folder, from configs built here with transformers' own config
+classes (nothing downloaded), and how it enters the route's task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import (
+    BartConfig,
+    BertConfig,
+    LlamaConfig,
+    LlavaConfig,
+    MarianConfig,
+    PretrainedConfig,
+    T5Config,
+    ViTConfig,
+    WhisperConfig,
+    YolosConfig,
+)
+
+from proxy.model_info import task_from_config, task_from_model_path
+from proxy.tasks import OTHER, task_for
+
+SMALL_BERT: dict[str, Any] = {
+    "hidden_size": 8,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 16,
+    "vocab_size": 50,
+}
+
+
+def with_attrs(config: PretrainedConfig, **attrs: Any) -> PretrainedConfig:
+    """A config with attributes set after construction (labels, task parameters)."""
+    for key, value in attrs.items():
+        setattr(config, key, value)
+    return config
+
+
+def save(folder: Path, config: PretrainedConfig, architectures: list[str]) -> Path:
+    config.architectures = architectures
+    config.save_pretrained(str(folder))
+    return folder
+
+
+CASES: list[tuple[str, PretrainedConfig, list[str], str]] = [
+    (
+        "llama",
+        LlamaConfig(
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            vocab_size=50,
+        ),
+        ["LlamaForCausalLM"],
+        "text-generation",
+    ),
+    ("gpt2-style", LlamaConfig(), ["GPT2LMHeadModel"], "text-generation"),
+    (
+        "bert-cls",
+        with_attrs(BertConfig(**SMALL_BERT), num_labels=3),
+        ["BertForSequenceClassification"],
+        "text-classification",
+    ),
+    (
+        "cross-encoder",
+        with_attrs(BertConfig(**SMALL_BERT), num_labels=1),
+        ["BertForSequenceClassification"],
+        "text-ranking",
+    ),
+    ("ner", BertConfig(**SMALL_BERT), ["BertForTokenClassification"], "token-classification"),
+    ("qa", BertConfig(**SMALL_BERT), ["BertForQuestionAnswering"], "question-answering"),
+    ("mlm", BertConfig(**SMALL_BERT), ["BertForMaskedLM"], "fill-mask"),
+    ("encoder", BertConfig(**SMALL_BERT), ["BertModel"], "feature-extraction"),
+    (
+        "t5",
+        with_attrs(
+            T5Config(d_model=8, num_layers=1, num_heads=2, d_ff=16, vocab_size=50),
+            task_specific_params={
+                "summarization": {"prefix": "summarize: "},
+                "translation_en_to_de": {},
+            },
+        ),
+        ["T5ForConditionalGeneration"],
+        "summarization",
+    ),
+    (
+        "t5-translate",
+        with_attrs(T5Config(), task_specific_params={"translation_en_to_fr": {}}),
+        ["T5ForConditionalGeneration"],
+        "translation",
+    ),
+    (
+        "bart",
+        BartConfig(d_model=8, encoder_layers=1, decoder_layers=1, vocab_size=50),
+        ["BartForConditionalGeneration"],
+        "summarization",
+    ),
+    (
+        "marian",
+        MarianConfig(d_model=8, encoder_layers=1, decoder_layers=1, vocab_size=50),
+        ["MarianMTModel"],
+        "translation",
+    ),
+    (
+        "whisper",
+        WhisperConfig(d_model=8, encoder_layers=1, decoder_layers=1),
+        ["WhisperForConditionalGeneration"],
+        "automatic-speech-recognition",
+    ),
+    (
+        "whisper-cls",
+        WhisperConfig(d_model=8),
+        ["WhisperForAudioClassification"],
+        "audio-classification",
+    ),
+    (
+        "vit",
+        ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2),
+        ["ViTForImageClassification"],
+        "image-classification",
+    ),
+    (
+        "yolos",
+        YolosConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2),
+        ["YolosForObjectDetection"],
+        "object-detection",
+    ),
+    ("llava", LlavaConfig(), ["LlavaForConditionalGeneration"], "image-text-to-text"),
+]
+
+
+@pytest.mark.parametrize(("name", "config", "archs", "task"), CASES, ids=[c[0] for c in CASES])
+def test_task_from_saved_config(
+    tmp_path: Path, name: str, config: PretrainedConfig, archs: list[str], task: str
+) -> None:
+    folder = save(tmp_path / name, config, archs)
+    assert (folder / "config.json").is_file()
+    assert task_from_model_path(folder) == task
+    assert task_from_model_path(str(folder)) == task
+
+
+def test_unknown_model_type_is_read_as_plain_json(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "made_up_arch", "architectures": ["MadeUpForCausalLM"]})
+    )
+    assert task_from_model_path(tmp_path) == "text-generation"
+
+
+def test_marker_files(tmp_path: Path) -> None:
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    index = sd / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert task_from_model_path(sd) == "text-to-image"
+    index.write_text(json.dumps({"_class_name": "StableDiffusionImg2ImgPipeline"}))
+    assert task_from_model_path(sd) == "image-to-image"
+    st = save(tmp_path / "st", BertConfig(**SMALL_BERT), ["BertForMaskedLM"])
+    (st / "config_sentence_transformers.json").write_text("{}")
+    assert task_from_model_path(st) == "feature-extraction"
+
+
+def test_nothing_to_tell(tmp_path: Path) -> None:
+    assert task_from_model_path(tmp_path / "missing") is None
+    assert task_from_model_path(tmp_path) is None  # a folder with no config
+    (tmp_path / "config.json").write_text("not json")
+    assert task_from_model_path(tmp_path) is None
+    assert task_from_config({"architectures": ["SomethingElse"]}) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "api", "model_task", "method", "task"),
+    [
+        ("/v1/chat/completions", "openai", "summarization", "POST", "text-generation"),  # route
+        ("/v1/custom", "openai", "summarization", "POST", "summarization"),  # route says other
+        ("/v1/models", "openai", "summarization", "GET", OTHER),
+        ("/tokenize", "openai", "summarization", "POST", OTHER),  # never inference
+        ("/predict", "generic", "image-classification", "POST", "image-classification"),
+        ("/predict", "tei", "text-ranking", "POST", "text-classification"),
+    ],
+)
+def test_model_task_fills_what_the_route_does_not_fix(
+    path: str, api: str, model_task: str, method: str, task: str
+) -> None:
+    assert task_for(path, {}, api, model_task=model_task, method=method) == task
+
+
+def test_config_dict_directly() -> None:
+    cfg: dict[str, Any] = {
+        "model_type": "bert",
+        "architectures": ["BertForSequenceClassification"],
+        "id2label": {"0": "a", "1": "b"},
+    }
+    assert task_from_config(cfg) == "text-classification"
