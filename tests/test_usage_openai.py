@@ -162,7 +162,7 @@ def test_sse_data_joins_multiline_data() -> None:
 
 
 def test_framer_is_bounded() -> None:
-    framer = SSEFramer(max_event_bytes=100)
+    framer = SSEFramer(max_frame_bytes=100)
     out = list(framer.push(b"data: " + b"x" * 500))
     assert framer.oversize
     assert b"".join(out) == b"data: " + b"x" * 500

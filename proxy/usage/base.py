@@ -150,31 +150,33 @@ class StreamUsage:
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
-class SSEFramer:
-    """Splits a byte stream into complete SSE events (each with its terminator), bounded.
+class Framer:
+    """Splits a byte stream into complete frames (each with its terminator), bounded.
 
-    An event larger than ``max_event_bytes`` is returned as-is in pieces with ``oversize`` set,
-    so nothing is ever buffered without bound.
+    A frame larger than ``max_frame_bytes`` is returned as-is in pieces with ``oversize`` set,
+    so nothing is ever buffered without bound. Subclasses set ``terminator``.
     """
 
-    __slots__ = ("_buf", "max_event_bytes", "oversize")
+    __slots__ = ("_buf", "max_frame_bytes", "oversize")
+    terminator: re.Pattern[bytes]
 
-    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+    def __init__(self, max_frame_bytes: int = MAX_EVENT_BYTES) -> None:
         self._buf = b""
-        self.max_event_bytes = max_event_bytes
+        self.max_frame_bytes = max_frame_bytes
         self.oversize = False
 
     def push(self, chunk: bytes) -> Iterator[bytes]:
         buf = self._buf + chunk if self._buf else chunk
         start = 0
+        search = self.terminator.search
         while True:
-            m = _EVENT_END.search(buf, start)
+            m = search(buf, start)
             if m is None:
                 break
             yield buf[start : m.end()]
             start = m.end()
         rest = buf[start:]
-        if len(rest) > self.max_event_bytes:
+        if len(rest) > self.max_frame_bytes:
             self.oversize = True
             self._buf = b""
             yield rest
@@ -184,6 +186,44 @@ class SSEFramer:
     def pending(self) -> bytes:
         out, self._buf = self._buf, b""
         return out
+
+
+class SSEFramer(Framer):
+    """Server-sent events: frames end with a blank line (``\n\n``, ``\r\n\r\n``, ``\r\r``)."""
+
+    __slots__ = ()
+    terminator = _EVENT_END
+
+
+class NDJSONFramer(Framer):
+    """Newline-delimited JSON (Ollama): frames end with ``\n``."""
+
+    __slots__ = ()
+    terminator = re.compile(rb"\n")
+
+
+class ObservingStream(StreamUsage):
+    """A parser that only watches: the client gets the upstream's bytes unchanged, and each
+    complete frame is handed to ``inspect``."""
+
+    framer_class: type[Framer] = SSEFramer
+
+    def __init__(self) -> None:
+        self._framer = self.framer_class()
+
+    def inspect(self, frame: bytes) -> None:
+        """Account one complete frame (or the unterminated rest at the end)."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        for frame in self._framer.push(chunk):
+            self.inspect(frame)
+        return chunk
+
+    def flush(self) -> bytes:
+        rest = self._framer.pending()
+        if rest.strip():
+            self.inspect(rest)
+        return b""
 
 
 def sse_data(event: bytes) -> bytes | None:

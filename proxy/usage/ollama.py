@@ -12,11 +12,17 @@ nanoseconds (``total_duration``, ``load_duration``, ``prompt_eval_duration``,
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 from proxy.usage import openai
-from proxy.usage.base import MAX_EVENT_BYTES, RequestPlan, StreamUsage, Usage, parse_json
+from proxy.usage.base import (
+    NDJSONFramer,
+    ObservingStream,
+    RequestPlan,
+    StreamUsage,
+    Usage,
+    parse_json,
+)
 
 NDJSON_TYPES = frozenset(("application/x-ndjson", "application/jsonl", "application/json-seq"))
 GENERATE_PATHS = frozenset(("/api/generate", "/api/chat"))
@@ -27,39 +33,6 @@ NS_PER_S = 1e9
 _DONE = re.compile(rb'"done"\s*:\s*true')
 _CONTENT = re.compile(rb'"(?:response|content|thinking)"\s*:\s*"(?!")')
 _TEXT = re.compile(rb'"(?:response|content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
-
-
-class NDJSONFramer:
-    """Splits a byte stream into complete lines (each with its ``\\n``), bounded like
-    ``SSEFramer``: a line longer than ``max_line_bytes`` is passed on in pieces."""
-
-    __slots__ = ("_buf", "max_line_bytes", "oversize")
-
-    def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES) -> None:
-        self._buf = b""
-        self.max_line_bytes = max_line_bytes
-        self.oversize = False
-
-    def push(self, chunk: bytes) -> Iterator[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
-        start = 0
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            yield buf[start : end + 1]
-            start = end + 1
-        rest = buf[start:]
-        if len(rest) > self.max_line_bytes:
-            self.oversize = True
-            self._buf = b""
-            yield rest
-        else:
-            self._buf = rest
-
-    def pending(self) -> bytes:
-        out, self._buf = self._buf, b""
-        return out
 
 
 def _int(value: Any) -> int | None:
@@ -122,32 +95,23 @@ def _final(usage: Usage, obj: dict[str, Any]) -> None:
         usage.extra["done_reason"] = reason
 
 
-class OllamaStream(StreamUsage):
+class OllamaStream(ObservingStream):
     """Incremental parser of an NDJSON answer: counts content lines, decodes only the ``done``
     line (and, when text is collected, the content string of each line)."""
 
+    framer_class = NDJSONFramer
+
     def __init__(self, collect_text: bool = False) -> None:
+        super().__init__()
         self.collect_text = collect_text
         self.tokens = 0
         self.lines = 0
         self.done = False
-        self._framer = NDJSONFramer()
         self._usage = Usage()
         self._text: list[str] = []
         self._text_len = 0
 
-    def feed(self, chunk: bytes) -> bytes:
-        for line in self._framer.push(chunk):
-            self._inspect(line)
-        return chunk
-
-    def flush(self) -> bytes:
-        rest = self._framer.pending()
-        if rest.strip():
-            self._inspect(rest)
-        return b""
-
-    def _inspect(self, line: bytes) -> None:
+    def inspect(self, line: bytes) -> None:
         self.lines += 1
         final = _DONE.search(line) is not None
         content = _CONTENT.search(line) is not None

@@ -21,6 +21,7 @@ from typing import Any
 
 from proxy.usage.audio import WavStream
 from proxy.usage.base import (
+    ObservingStream,
     RequestPlan,
     SSEFramer,
     StreamUsage,
@@ -308,7 +309,7 @@ def _merge_usage(usage: Usage, u: dict[str, Any]) -> None:
     usage.merge_server(prompt, completion)
 
 
-class EventSSE(StreamUsage):
+class EventSSE(ObservingStream):
     """Incremental parser of a stream of named events: ``/v1/responses`` and ``/v1/messages``.
 
     Usage is read from the events that carry it (``response.completed`` and its siblings;
@@ -318,26 +319,15 @@ class EventSSE(StreamUsage):
     """
 
     def __init__(self, collect_text: bool = False) -> None:
+        super().__init__()
         self.collect_text = collect_text
         self.tokens = 0
         self.events = 0
-        self._framer = SSEFramer()
         self._usage = Usage()
         self._text: list[str] = []
         self._text_len = 0
 
-    def feed(self, chunk: bytes) -> bytes:
-        for event in self._framer.push(chunk):
-            self._inspect(event)
-        return chunk
-
-    def flush(self) -> bytes:
-        rest = self._framer.pending()
-        if rest:
-            self._inspect(rest)
-        return b""
-
-    def _inspect(self, event: bytes) -> None:
+    def inspect(self, event: bytes) -> None:
         data = sse_data(event)
         if data is None:
             if self._framer.oversize and b'"usage"' in event:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.usage import openai
-from proxy.usage.base import RequestPlan, SSEFramer, StreamUsage, Usage, parse_json, sse_data
+from proxy.usage.base import ObservingStream, RequestPlan, StreamUsage, Usage, parse_json, sse_data
 
 STREAM_PATHS = frozenset(("/generate_stream",))
 _TOKEN = re.compile(rb'"token"\s*:\s*\{')
@@ -46,29 +46,18 @@ def plan_request(path: str, doc: Any) -> RequestPlan:
     return plan
 
 
-class TGIStream(StreamUsage):
+class TGIStream(ObservingStream):
     """Incremental parser of ``/generate_stream``: one event is one generated token; the last
     event's ``details`` (when the client asked for them) holds the server's counts."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.tokens = 0
         self.events = 0
         self.generated_text: str | None = None
-        self._framer = SSEFramer()
         self._usage = Usage()
 
-    def feed(self, chunk: bytes) -> bytes:
-        for event in self._framer.push(chunk):
-            self._inspect(event)
-        return chunk
-
-    def flush(self) -> bytes:
-        rest = self._framer.pending()
-        if rest:
-            self._inspect(rest)
-        return b""
-
-    def _inspect(self, event: bytes) -> None:
+    def inspect(self, event: bytes) -> None:
         data = sse_data(event)
         if data is None:
             return
