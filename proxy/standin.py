@@ -214,22 +214,22 @@ class StandIn:
 
     # -- other tasks ------------------------------------------------------------------------
 
-    async def embeddings(self, request: web.Request) -> web.Response:
+    async def _pooling(
+        self, request: web.Request, task: str, id_prefix: str, item: dict[str, Any]
+    ) -> web.Response:
+        """vLLM's answer to a pooling request (embeddings, classification): one ``data`` item
+        per input and prompt-only usage."""
         doc = await self._body(request)
         inputs = doc.get("input", "")
         items = inputs if isinstance(inputs, list) else [inputs]
         tokens = sum(count_tokens(str(x)) for x in items)
-        await self._sleep(self.latency["feature-extraction"].prefill_s)
-        data = [
-            {"index": i, "object": "embedding", "embedding": [0.1, -0.2, 0.3]}
-            for i in range(len(items))
-        ]
+        await self._sleep(self.latency[task].prefill_s)
         body = {
-            "id": "embd-" + uuid.uuid4().hex[:16],
+            "id": id_prefix + uuid.uuid4().hex[:16],
             "object": "list",
             "created": int(time.time()),
             "model": doc.get("model", "stand-in"),
-            "data": data,
+            "data": [{"index": i, **item} for i in range(len(items))],
             "usage": {
                 "prompt_tokens": tokens,
                 "total_tokens": tokens,
@@ -239,30 +239,13 @@ class StandIn:
         }
         return web.Response(text=_dumps(body), content_type="application/json")
 
+    async def embeddings(self, request: web.Request) -> web.Response:
+        item = {"object": "embedding", "embedding": [0.1, -0.2, 0.3]}
+        return await self._pooling(request, "feature-extraction", "embd-", item)
+
     async def classify(self, request: web.Request) -> web.Response:
-        doc = await self._body(request)
-        inputs = doc.get("input", "")
-        items = inputs if isinstance(inputs, list) else [inputs]
-        tokens = sum(count_tokens(str(x)) for x in items)
-        await self._sleep(self.latency["text-classification"].prefill_s)
-        data = [
-            {"index": i, "label": "positive", "probs": [0.1, 0.9], "num_classes": 2}
-            for i in range(len(items))
-        ]
-        body = {
-            "id": "classify-" + uuid.uuid4().hex[:16],
-            "object": "list",
-            "created": int(time.time()),
-            "model": doc.get("model", "stand-in"),
-            "data": data,
-            "usage": {
-                "prompt_tokens": tokens,
-                "total_tokens": tokens,
-                "completion_tokens": 0,
-                "prompt_tokens_details": None,
-            },
-        }
-        return web.Response(text=_dumps(body), content_type="application/json")
+        item = {"label": "positive", "probs": [0.1, 0.9], "num_classes": 2}
+        return await self._pooling(request, "text-classification", "classify-", item)
 
     async def images(self, request: web.Request) -> web.Response:
         doc = await self._body(request)

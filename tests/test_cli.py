@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
 from tests.conftest import url_of
+from tests.helpers.serve import ROOT, free_port, wattproxy_serve
+
+__all__ = ["ROOT", "WATTPROXY", "free_port"]  # used by other tests
 
 WATTPROXY = [sys.executable, "-m", "proxy.cli"]
-ROOT = Path(__file__).parent.parent
 
 
 def run(
@@ -27,12 +25,6 @@ def run(
     return subprocess.run(
         [*WATTPROXY, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_check_config_ok() -> None:
@@ -71,64 +63,24 @@ def test_check_config_bad_keys_file(tmp_path: Path) -> None:
     assert "keys.0: needs 'key_sha256'" in r.stderr
 
 
-def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 async def test_serve_proxies_and_shuts_down_gracefully(upstream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    port = free_port()
     cfg = {
-        "listen": {"port": port},
         "upstreams": [{"name": "llm", "url": url_of(upstream)}],
         "meter": {"kind": "simulated", "interval_ms": 20},
         "ledger": {"url": f"sqlite:///{tmp_path / 'l.db'}"},
     }
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen(
-        [*WATTPROXY, "serve", "--config", str(path)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        import asyncio
-
-        import aiohttp
-
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession() as s:
-            while True:
-                try:
-                    async with s.get(base + "/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "serve did not come up"
-                await asyncio.sleep(0.1)
-            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-            async with s.post(base + "/v1/chat/completions", json=body) as r:
-                assert r.status == 200
-                assert (await r.read()).endswith(b"data: [DONE]\n\n")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out
-    assert "Traceback" not in out
+    async with wattproxy_serve(cfg, tmp_path) as served, aiohttp.ClientSession() as s:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with s.post(served.base + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            assert (await r.read()).endswith(b"data: [DONE]\n\n")
+    assert served.proc.returncode == 0, served.output
+    assert "Traceback" not in served.output
     # the ledger was flushed on the way out
     r = run(
-        "report", "--user", "anonymous", "--format", "json", "--config", str(path), cwd=tmp_path
-    )
+        "report", "--user", "anonymous", "--format", "json", "--config",
+        str(served.config_path), cwd=tmp_path,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["totals"]["requests"] == 1

@@ -4,22 +4,17 @@ meters a dcgm-exporter page, checked against the page's own ground truth."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
 from proxy.standin import StandIn
-from tests.test_cli import ROOT, free_port
+from tests.helpers.serve import wattproxy_serve
 from tests.test_meters_dcgm import ExporterGpu, FakeExporter
 
 POWER_W = 250.0
@@ -56,9 +51,7 @@ async def test_dcgm_metered_streams_match_the_exporter(aiohttp_server: Any, tmp_
     exp = await aiohttp_server(exp_app)
     standin = StandIn(flavor="vllm", scale=1.0, keep_requests=False)
     up = await aiohttp_server(standin.app())
-    port = free_port()
     cfg = {
-        "listen": {"port": port},
         "upstreams": [{"name": "llm", "url": f"http://127.0.0.1:{up.port}", "devices": ["gpu0"]}],
         "meter": {
             "kind": "dcgm",
@@ -69,60 +62,33 @@ async def test_dcgm_metered_streams_match_the_exporter(aiohttp_server: Any, tmp_
         "attribution": {"idle_watts": 100},
         "ledger": {"url": f"sqlite:///{tmp_path / 'l.db'}"},
     }
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as s:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with s.get(base + "/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "serve did not come up"
-                await asyncio.sleep(0.1)
+    async with wattproxy_serve(cfg, tmp_path) as served, aiohttp.ClientSession() as s:
+        base = served.base
 
-            async def stream(i: int) -> str:
-                body = {
-                    "model": "llama",
-                    "messages": [{"role": "user", "content": "word " * (5 + 20 * (i % 3))}],
-                    "max_tokens": 10 + 5 * (i % 4),
-                    "stream": True,
-                }
-                async with s.post(base + "/v1/chat/completions", json=body) as r:
-                    assert r.status == 200
-                    await r.read()
-                    return r.headers["X-Request-Id"]
+        async def stream(i: int) -> str:
+            body = {
+                "model": "llama",
+                "messages": [{"role": "user", "content": "word " * (5 + 20 * (i % 3))}],
+                "max_tokens": 10 + 5 * (i % 4),
+                "stream": True,
+            }
+            async with s.post(base + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                await r.read()
+                return r.headers["X-Request-Id"]
 
-            rids = await asyncio.gather(*(stream(i) for i in range(24)))
-            records = []
-            for rid in rids:
-                for _ in range(100):
-                    async with s.get(f"{base}/v1/emissions/requests/{rid}") as r:
-                        doc = await r.json()
-                    if doc.get("final"):
-                        break
-                    await asyncio.sleep(0.05)
-                records.append(doc)
-            async with s.get(base + "/metrics") as r:
-                text = await r.text()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        rids = await asyncio.gather(*(stream(i) for i in range(24)))
+        records = []
+        for rid in rids:
+            for _ in range(100):
+                async with s.get(f"{base}/v1/emissions/requests/{rid}") as r:
+                    doc = await r.json()
+                if doc.get("final"):
+                    break
+                await asyncio.sleep(0.05)
+            records.append(doc)
+        async with s.get(base + "/metrics") as r:
+            text = await r.text()
 
     assert all(r["final"] and r["source"] == "measured" for r in records)
     device_j = sample(text, "wattproxy_device_energy_joules_total", 'device="gpu0"')
