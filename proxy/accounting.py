@@ -28,7 +28,7 @@ log = logging.getLogger("wattproxy.accounting")
 #: A device unread for this long stops holding back the records of requests that ended on it.
 DOWN_AFTER_S = 5.0
 #: Outcomes where the upstream never got the request: nothing to estimate.
-NOT_SERVED = frozenset(("upstream_unavailable", "payload_too_large"))
+NOT_SERVED = frozenset(("upstream_unavailable", "payload_too_large", "client_timeout"))
 
 
 @dataclass(slots=True)

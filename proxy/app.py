@@ -41,6 +41,7 @@ from proxy.ledger.base import Ledger, open_ledger
 from proxy.ledger.spool import Spool
 from proxy.ledger.writer import LedgerWriter
 from proxy.metrics import Metrics, metrics_handler
+from proxy.model_info import task_from_model_path
 from proxy.records import RequestRecord
 from proxy.routing import Router
 from proxy.tokens import TokenCounter
@@ -76,6 +77,8 @@ class Parts:
     identity: IdentityResolver
     sampler: Sampler
     counters: dict[str, TokenCounter]
+    #: upstream -> the task read from its model_path's config (for routes that fix none)
+    model_tasks: dict[str, str] = field(default_factory=dict)
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     carbon: CarbonClock | None = None
     background: Background = field(default_factory=Background)
@@ -141,6 +144,15 @@ def _carbon_clock(cfg: Config, metrics: Metrics, environ: Mapping[str, str]) -> 
     return CarbonClock(
         provider, cfg.carbon.zone, cfg.carbon.pue, cfg.carbon.refresh_s, on_update=on_update
     )
+
+
+def _model_tasks(cfg: Config) -> dict[str, str]:
+    tasks = {}
+    for upstream in cfg.upstreams:
+        task = task_from_model_path(upstream.model_path) if upstream.model_path else None
+        if task is not None:
+            tasks[upstream.name] = task
+    return tasks
 
 
 def _estimator(cfg: Config) -> Estimator:
@@ -233,6 +245,7 @@ def build_parts(
         identity=identity,
         sampler=sampler,
         counters=counters,
+        model_tasks=_model_tasks(cfg),
         carbon=carbon,
         budgets=budgets,
     )
@@ -371,6 +384,7 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
             counter = TokenCounter(upstream.model_path)
             await asyncio.to_thread(counter.load)
         counters[upstream.name] = counter
+    model_tasks = await asyncio.to_thread(_model_tasks, cfg)
     budgets = parts.budgets
     if budgets is None or cfg.budgets != old.budgets:
         budgets = Budgets(cfg.budgets, parts.ledger)
@@ -381,6 +395,8 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
     parts.router = Router(cfg.upstreams)
     parts.counters.clear()
     parts.counters.update(counters)
+    parts.model_tasks.clear()
+    parts.model_tasks.update(model_tasks)
     parts.identity.keys = keys
     parts.identity.allow_header_identity = cfg.identity.allow_header_identity
     parts.budgets = budgets
@@ -409,6 +425,7 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
         parts.identity,
         parts.metrics,
         counters=parts.counters,
+        model_tasks=parts.model_tasks,
         budget_check=_budget_check(parts.budgets),
         upstream_keys=_upstream_keys(cfg),
     )

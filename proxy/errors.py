@@ -8,6 +8,7 @@
         ├── Unauthorized         401  authentication_error
         ├── Forbidden            403  permission_error
         ├── NotFound             404  not_found_error
+        ├── RequestTimeout       408  request_timeout
         ├── PayloadTooLarge      413  invalid_request_error
         ├── BudgetExceeded       429  carbon_budget_exceeded
         ├── UpstreamUnavailable  502  upstream_error
@@ -66,6 +67,13 @@ class Forbidden(ProxyError):
 class NotFound(ProxyError):
     status = 404
     type = "not_found_error"
+
+
+class RequestTimeout(ProxyError):
+    """The client did not send its request body within ``listen.read_timeout_s``."""
+
+    status = 408
+    type = "request_timeout"
 
 
 class PayloadTooLarge(ProxyError):

@@ -23,6 +23,7 @@ from proxy.errors import (
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    RequestTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -47,13 +48,6 @@ from proxy.usage.base import (
 log = logging.getLogger("wattproxy.forward")
 
 BODY_METHODS = frozenset(("POST", "PUT", "PATCH", "DELETE"))
-
-
-class RequestTimeout(ProxyError):
-    """The client did not send its request body within ``listen.read_timeout_s``."""
-
-    status = 408
-    type = "request_timeout"
 
 
 #: Budget check: raises ``BudgetExceeded`` for an identity over its budget.
@@ -83,6 +77,27 @@ def check_target(method: str, raw_path: str, path: str) -> None:
     segments = path.split("/")
     if ".." in segments or "." in segments or "%2e" in raw:
         raise BadRequest("path traversal is not accepted")
+
+
+def parser_failed(what: str, err: Exception) -> None:
+    """A usage parser raised: the request goes on without it (a bug there must never fail a
+    request or lose its record). The traceback only at debug: messages may quote the body."""
+    log.warning(
+        "usage parsing failed (%s: %s); the request goes on without it",
+        what,
+        type(err).__name__,
+        exc_info=err if log.isEnabledFor(logging.DEBUG) else None,
+    )
+
+
+def plan_request(api: str, path: str, doc: Any) -> RequestPlan:
+    """The API's plan for a JSON request body; if its parser fails, the body goes untouched,
+    routed by its ``model`` alone."""
+    try:
+        return for_api(api).plan(path, doc)
+    except Exception as err:
+        parser_failed(f"{api} request to {path}", err)
+        return for_api("generic").plan(path, doc)
 
 
 def is_json(content_type: str) -> bool:
@@ -152,6 +167,7 @@ class Forwarder:
         identity: IdentityResolver,
         metrics: Metrics,
         counters: dict[str, TokenCounter] | None = None,
+        model_tasks: dict[str, str] | None = None,
         budget_check: BudgetCheck | None = None,
         upstream_keys: dict[str, str] | None = None,
     ) -> None:
@@ -162,6 +178,7 @@ class Forwarder:
         self.identity = identity
         self.metrics = metrics
         self.counters = counters or {}
+        self.model_tasks = model_tasks if model_tasks is not None else {}
         self.budget_check = budget_check
         self.upstream_keys = upstream_keys or {}
 
@@ -188,7 +205,13 @@ class Forwarder:
             check_target(request.method, request.raw_path, request.path)
             who = self.identity.resolve(request.headers)
             upstream, plan, data = await self._read_and_route(request)
-            task = task_for(request.path, upstream.tasks, upstream.api)
+            task = task_for(
+                request.path,
+                upstream.tasks,
+                upstream.api,
+                model_task=self.model_tasks.get(upstream.name),
+                method=request.method,
+            )
             if self.budget_check is not None and task != OTHER:
                 await self.budget_check(who)
             return await self._forward(request, rid, who, upstream, task, plan, data)
@@ -219,7 +242,7 @@ class Forwarder:
                         raise BadRequest("request body is not valid JSON") from None
                 candidates = self.router.candidates(path)
                 if doc is not None and candidates:
-                    plan = for_api(candidates[0].api).plan(path, doc)
+                    plan = plan_request(candidates[0].api, path, doc)
             else:
                 data = counted_body(request, limit, read_timeout_s)
                 plan.upload = upload_probe(request.headers.get("Content-Type", ""))
@@ -234,7 +257,7 @@ class Forwarder:
             if upstream.api == self.router.candidates(path)[0].api:
                 data = plan.body
             else:  # planned for another API than the one chosen by model: send it untouched
-                plan = for_api(upstream.api).plan(path, parse_json(data))
+                plan = plan_request(upstream.api, path, parse_json(data))
                 data = plan.body or data
         return upstream, plan, data
 
@@ -316,7 +339,11 @@ class Forwarder:
         finally:
             if resp is not None:
                 resp.close()
-            usage = self._usage(request.path, upstream, plan, relay, data)
+            try:
+                usage = self._usage(request.path, upstream, plan, relay, data)
+            except Exception as err:
+                parser_failed(f"{upstream.api} usage of {request.path}", err)
+                usage = Usage()
             record.extra.update(usage.record_fields())
             self.accountant.end(req, status, usage, outcome)
 
@@ -379,7 +406,10 @@ class Forwarder:
         collector: BodyUsage | None = None
         if not encoded:
             collect = upstream.name in self.counters
-            parser = for_api(upstream.api).stream(request.path, ctype, plan, collect)
+            try:
+                parser = for_api(upstream.api).stream(request.path, ctype, plan, collect)
+            except Exception as err:
+                parser_failed(f"{upstream.api} stream of {request.path}", err)
             if parser is None and is_json(ctype):
                 collector = BodyUsage()
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
@@ -389,7 +419,11 @@ class Forwarder:
         out.headers["X-Request-Id"] = rid
         out.headers["X-Wattproxy-Task"] = task
         await out.prepare(request)
-        header_usage = for_api(upstream.api).headers(request.path, resp.headers)
+        header_usage: Usage | None = None
+        try:
+            header_usage = for_api(upstream.api).headers(request.path, resp.headers)
+        except Exception as err:
+            parser_failed(f"{upstream.api} headers of {request.path}", err)
         return out, Relay(parser, collector, header_usage=header_usage)
 
     async def _relay(
@@ -418,8 +452,13 @@ class Forwarder:
                 first = False
                 acc.first_byte(req)
             if parser is not None:
-                data = parser.feed(chunk)
-                if parser.tokens != relay.tokens_seen:
+                try:
+                    data = parser.feed(chunk)
+                except Exception as err:  # relay the rest as it comes, unparsed
+                    parser_failed(type(parser).__name__, err)
+                    relay.parser = parser = None
+                    data = chunk
+                if parser is not None and parser.tokens != relay.tokens_seen:
                     acc.tokens(req, parser.tokens - relay.tokens_seen)
                     relay.tokens_seen = parser.tokens
             else:
@@ -435,7 +474,11 @@ class Forwarder:
             acc.first_byte(req)
         try:
             if parser is not None:
-                tail = parser.flush()
+                try:
+                    tail = parser.flush()
+                except Exception as err:
+                    parser_failed(type(parser).__name__, err)
+                    tail = b""
                 if tail:
                     await out.write(tail)
             await out.write_eof()

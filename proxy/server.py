@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import PARTS, apply_config, create_app
+from proxy.app import PARTS, apply_config, create_app, handler_args
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.metrics import metrics_handler
@@ -76,7 +76,7 @@ class Service:
         await site.start()
         if cfg.listen.metrics_port is not None:
             parts = self.app[PARTS]
-            mapp = web.Application()
+            mapp = web.Application(handler_args=handler_args(cfg))
 
             async def metrics(request: web.Request) -> web.Response:
                 return await metrics_handler(request, parts.metrics)

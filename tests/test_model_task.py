@@ -196,3 +196,40 @@ def test_config_dict_directly() -> None:
         "id2label": {"0": "a", "1": "b"},
     }
     assert task_from_config(cfg) == "text-classification"
+
+
+async def test_a_generic_upstream_gets_its_models_task_end_to_end(
+    aiohttp_server: Any, make_proxy: Any, tmp_path: Path
+) -> None:
+    """A generic upstream serving a sequence classifier: its records say text-classification."""
+    import aiohttp
+    from aiohttp import web
+
+    from tests.conftest import proxy_config, url_of
+
+    folder = tmp_path / "classifier"
+    config = BertConfig(**SMALL_BERT)
+    config.architectures = ["BertForSequenceClassification"]
+    config.save_pretrained(folder)
+
+    async def score(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response([{"label": "POSITIVE", "score": 0.9}])
+
+    app = web.Application()
+    app.router.add_post("/score-this", score)
+    up = await aiohttp_server(app)
+    cfg = proxy_config(
+        url_of(up),
+        tmp_path,
+        upstreams=[{"name": "clf", "url": url_of(up), "api": "generic", "model_path": str(folder)}],
+    )
+    proxy, _ = await make_proxy(cfg)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url_of(proxy) + "/score-this", json={"inputs": "great"}) as r,
+    ):
+        assert r.status == 200
+        assert r.headers["X-Wattproxy-Task"] == "text-classification"
+        async with s.get(url_of(proxy) + "/v1/models") as r2:
+            assert r2.headers["X-Wattproxy-Task"] == OTHER  # a GET runs no model

@@ -63,6 +63,11 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _list(value: Any) -> list[Any]:
+    """``value`` if it is a list, else empty: clients and servers send anything."""
+    return value if isinstance(value, list) else []
+
+
 def _strings(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -108,7 +113,7 @@ def _prompt_text(doc: dict[str, Any]) -> str:
     for key in ("input", "query", "text", "text_1", "text_2", "system"):
         parts.extend(_strings(doc.get(key)))
     parts.extend(_doc_texts(doc.get("documents")))
-    for msg in doc.get("messages") or ():
+    for msg in _list(doc.get("messages")):
         if isinstance(msg, dict):
             text = _text_of(msg.get("content"))
             if text:
@@ -276,7 +281,7 @@ class OpenAISSE(StreamUsage):
         return True
 
     def _collect(self, obj: dict[str, Any]) -> None:
-        for choice in obj.get("choices") or ():
+        for choice in _list(obj.get("choices")):
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
@@ -387,13 +392,13 @@ def _generated_text(doc: dict[str, Any]) -> str | None:
     """The text of a response that reported no usage: choices, a Responses ``output``, an
     Anthropic ``content``, a transcription's ``text``."""
     parts: list[str] = []
-    for choice in doc.get("choices") or ():
+    for choice in _list(doc.get("choices")):
         if isinstance(choice, dict):
             message = choice.get("message")
             text = message.get("content") if isinstance(message, dict) else choice.get("text")
             if isinstance(text, str):
                 parts.append(text)
-    for item in doc.get("output") or ():
+    for item in _list(doc.get("output")):
         if isinstance(item, dict):
             parts.append(_text_of(item.get("content")))
     if isinstance(doc.get("content"), list):
