@@ -230,6 +230,8 @@ class Forwarder:
         path = request.path
         plan = RequestPlan()
         data: Any = None
+        doc: Any = None
+        planned_api: str | None = None
         if request.method in BODY_METHODS and request.body_exists:
             if is_json(request.content_type):
                 body = await read_limited(request, limit, read_timeout_s)
@@ -242,7 +244,8 @@ class Forwarder:
                         raise BadRequest("request body is not valid JSON") from None
                 candidates = self.router.candidates(path)
                 if doc is not None and candidates:
-                    plan = plan_request(candidates[0].api, path, doc)
+                    planned_api = candidates[0].api
+                    plan = plan_request(planned_api, path, doc)
             else:
                 data = counted_body(request, limit, read_timeout_s)
                 plan.upload = upload_probe(request.headers.get("Content-Type", ""))
@@ -253,12 +256,10 @@ class Forwarder:
             if not self.router.candidates(path):
                 raise NotFound(f"no upstream serves {path}")
             raise NotFound(f"model {plan.model!r} is not served here", code="model_not_found")
+        if planned_api is not None and upstream.api != planned_api:
+            plan = plan_request(upstream.api, path, doc)  # the model chose another API
         if plan.body is not None:
-            if upstream.api == self.router.candidates(path)[0].api:
-                data = plan.body
-            else:  # planned for another API than the one chosen by model: send it untouched
-                plan = plan_request(upstream.api, path, parse_json(data))
-                data = plan.body or data
+            data = plan.body
         return upstream, plan, data
 
     def _upstream_headers(
