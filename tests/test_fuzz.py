@@ -107,6 +107,7 @@ def check_usage(usage: Usage) -> None:
 
 # -- usage parsers -----------------------------------------------------------------------------
 
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(api=st.sampled_from(sorted(APIS)), path=PATHS, doc=JSON)
 def test_request_planning_never_raises_on_any_json(api: str, path: str, doc: Any) -> None:
