@@ -57,10 +57,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
         out.headers.update(_headers(resp.headers))
         if resp.content_length is not None:
             out.content_length = resp.content_length
-        await out.prepare(request)
-        async for chunk in resp.content.iter_any():
-            await out.write(chunk)
-        await out.write_eof()
+        try:
+            await out.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+        except ConnectionResetError:  # the client went away (aiohttp's error subclasses it)
+            pass
         return out
 
 

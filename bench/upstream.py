@@ -20,10 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-try:
-    from orjson import loads
-except ImportError:  # pragma: no cover - orjson is in the dev extra
-    from json import loads
+from proxy.usage.base import parse_json
 
 #: Content chunks per streamed answer.
 STREAM_CHUNKS = 20
@@ -134,7 +131,7 @@ class Upstream:
         return web.Response(text=str(self.held))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        doc = loads(await request.read())
+        doc = parse_json(await request.read())
         model = str(doc.get("model", "bench"))
         if not doc.get("stream"):
             body = self._bodies.get(model)

@@ -22,10 +22,13 @@ echo "bench tools: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-# keep the nginx package from starting its own service on port 80
-printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-$SUDO chmod +x /usr/sbin/policy-rc.d
-trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+# keep the nginx package from starting its own service on port 80 (and leave any existing
+# policy-rc.d alone)
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod +x /usr/sbin/policy-rc.d
+  trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 $SUDO apt-get update -qq -o DPkg::Lock::Timeout=300 || true
 for pkg in "${missing[@]}"; do
   if ! $SUDO apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "$pkg" >/dev/null; then
