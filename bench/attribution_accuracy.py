@@ -26,9 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from estimators.attribution import (
-    MIN_SPAN_S,
     AttributionEngine,
-    Flight,
     IdlePolicy,
     Weighting,
     WorkProfile,
@@ -41,8 +39,6 @@ PREFILL_J_PER_TOKEN = 0.01  # fleet mean, joules per prompt token
 DECODE_J_PER_TOKEN = 0.3  # fleet mean, joules per generated token
 PREFILL_TOKENS_PER_S = 8000.0
 COST_SPREAD = 0.2  # each request's true costs are the mean times U(1 - s, 1 + s)
-#: The prefill speed the proposed rule assumes (tokens/s); the simulated device does 8,000.
-ASSUMED_PREFILL_TOKENS_PER_S = 5000.0
 START, FIRST_BYTE, TOKEN, END, SAMPLE = range(5)  # event order at equal times
 
 
@@ -148,7 +144,7 @@ def attribute(
     Args:
         prefill_factor, decode_factor: how far the estimator's per-token costs are from the
             fleet means (1.0: right on average).
-        engine_cls: the engine (``CappedPrefillEngine`` to try the proposed prefill rule).
+        engine_cls: the engine class (a subclass, to try another rule).
     """
     end_s = max(r.end_s for r in reqs) + 2 * SAMPLE_S
     n = math.ceil(end_s / SAMPLE_S)
@@ -206,73 +202,14 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-class CappedPrefillEngine(AttributionEngine):
-    """A proposal, not the shipped rule: weigh a prefill still in progress at an assumed speed
-    (``ASSUMED_PREFILL_TOKENS_PER_S``) and never past the prompt's whole prefill work.
-
-    The shipped rule weighs an unfinished prefill as if it ended at each sample, so a prefill
-    spanning n intervals is weighed about 1 + 1/2 + ... + 1/n times its work. Here each request
-    is weighed its prefill work exactly once in total; the first byte releases what is left.
-    """
-
-    def __init__(
-        self,
-        weighting: Weighting = Weighting.WORK,
-        idle: IdlePolicy = IdlePolicy.EXCLUDE,
-        idle_power_w: float | None = None,
-    ) -> None:
-        super().__init__(weighting, idle, idle_power_w)
-        self._prefill_weighed: dict[tuple[str, str], float] = {}
-
-    # the engine's rule is a staticmethod; this one needs state, called the same way
-    def _work(  # type: ignore[override]
-        self, device: str, f: Flight, t0: float, t1: float, overlap: float
-    ) -> float:
-        p = f.profile
-        total = p.prefill_j_per_token * p.prompt_tokens
-        key = (f.request_id, device)
-        done = self._prefill_weighed.get(key, 0.0)
-        w = 0.0
-        if done < total:
-            fb = f.first_byte_s
-            if fb is None:
-                expected_s = max(p.prompt_tokens / ASSUMED_PREFILL_TOKENS_PER_S, t1 - f.start_s)
-                span = max(t1 - max(t0, f.start_s), MIN_SPAN_S)
-                add = min(total - done, total * span / max(expected_s, MIN_SPAN_S))
-            elif fb <= t1:
-                add = total - done
-            else:
-                add = min(total - done, total * overlap / max(fb - f.start_s, MIN_SPAN_S))
-            self._prefill_weighed[key] = done + add
-            w += add
-        weighed = f._tokens_weighed.get(device, 0.0)
-        w += p.decode_j_per_token * (f.decoded_tokens - weighed)
-        f._tokens_weighed[device] = f.decoded_tokens
-        return w
-
-
 def compare(seed: int = 7, requests: int = 240) -> list[Accuracy]:
     """Time weighting; work weighting with right mean costs, and with costs off by 2x and 0.6x
-    (the prefill:decode ratio wrong by 3.3x); and the proposed prefill rule."""
+    (the prefill:decode ratio wrong by 3.3x)."""
     reqs = workload(seed, requests)
     return [
         attribute(reqs, Weighting.TIME, label="time"),
         attribute(reqs, Weighting.WORK, label="work (mean costs)"),
         attribute(reqs, Weighting.WORK, 2.0, 0.6, label="work (prefill x2, decode x0.6)"),
-        attribute(
-            reqs,
-            Weighting.WORK,
-            label="work, proposed prefill rule (mean costs)",
-            engine_cls=CappedPrefillEngine,
-        ),
-        attribute(
-            reqs,
-            Weighting.WORK,
-            2.0,
-            0.6,
-            label="work, proposed prefill rule (prefill x2, decode x0.6)",
-            engine_cls=CappedPrefillEngine,
-        ),
     ]
 
 

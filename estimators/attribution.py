@@ -7,10 +7,10 @@ first bytes, streamed tokens and ends. The invariant, per device, at every momen
     measured_j == attributed_j + idle_j + no_requests_j      (to float rounding)
 
 Weighting ``time`` splits an interval by overlap seconds. Weighting ``work`` splits it by each
-request's estimated energy *in that interval*: prefill (prompt tokens spread over start ->
-first byte), decode (tokens streamed in the interval) and, for requests without a token stream,
-their expected energy spread over their elapsed life. The estimator only sets the proportions;
-the meter sets the total.
+request's estimated energy *in that interval*: prefill (its prompt tokens' work, weighed once in
+total, spread over start -> first byte), decode (tokens streamed in the interval) and, for
+requests without a token stream, their expected energy spread over their elapsed life. The
+estimator only sets the proportions; the meter sets the total.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+#: Prefill speed assumed while a request has not sent its first byte (prompt tokens per second,
+#: batched prefill on a datacenter GPU); only how an unfinished prefill is spread depends on it.
+ASSUMED_PREFILL_TOKENS_PER_S = 5000.0
 #: The smallest span (s) used as a denominator, so a request that starts and ends on the same
 #: clock tick still gets its share.
 MIN_SPAN_S = 1e-6
@@ -118,6 +121,7 @@ class Flight:
     co2e_g: float = 0.0
     # per device: decoded tokens already weighed, and whether that device has covered the end
     _tokens_weighed: dict[str, float] = field(default_factory=dict)
+    _prefill_weighed: dict[str, float] = field(default_factory=dict)
     _open_on: set[str] = field(default_factory=set)
     gaps: int = 0  # intervals on its devices that could not be measured
 
@@ -306,14 +310,26 @@ class AttributionEngine:
         p = f.profile
         w = 0.0
         start = f.start_s
-        fb = f.first_byte_s
-        prefill_end = t1 if fb is None else fb
-        prefill_overlap = (prefill_end if prefill_end < t1 else t1) - (start if start > t0 else t0)
-        if prefill_overlap > 0.0 or (start == prefill_end and t0 <= start <= t1):
-            span = prefill_end - start
-            span = MIN_SPAN_S if span < MIN_SPAN_S else span
-            share = MIN_SPAN_S if prefill_overlap < MIN_SPAN_S else prefill_overlap
-            w += p.prefill_j_per_token * p.prompt_tokens * share / span
+        # prefill: each request's prefill work is weighed once in total on each device, spread
+        # over start -> first byte; until the first byte, at an assumed prefill speed
+        total = p.prefill_j_per_token * p.prompt_tokens
+        done = f._prefill_weighed.get(device, 0.0)
+        if done < total:
+            fb = f.first_byte_s
+            if fb is not None and fb <= t1:
+                add = total - done
+            elif fb is not None:
+                span = fb - start
+                add = total * overlap / (MIN_SPAN_S if span < MIN_SPAN_S else span)
+            else:
+                expected_s = p.prompt_tokens / ASSUMED_PREFILL_TOKENS_PER_S
+                elapsed_s = t1 - start
+                expected_s = elapsed_s if elapsed_s > expected_s else expected_s
+                share = MIN_SPAN_S if overlap < MIN_SPAN_S else overlap
+                add = total * share / (MIN_SPAN_S if expected_s < MIN_SPAN_S else expected_s)
+            add = total - done if add > total - done else add
+            f._prefill_weighed[device] = done + add
+            w += add
         if p.token_stream:
             weighed = f._tokens_weighed
             decoded = f.decoded_tokens
