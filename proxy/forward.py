@@ -333,6 +333,10 @@ class Forwarder:
             out, relay = await self._start_response(request, resp, rid, task, upstream, plan)
             outcome = await self._relay(resp, out, req, relay)
             return out
+        except ConnectionResetError:
+            # the client left before the response headers went out; aiohttp drops this quietly
+            outcome = "client_disconnect"
+            return web.Response(status=status)
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the client goes away
             outcome = "client_disconnect" if request.transport is None else "cancelled"

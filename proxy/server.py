@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import ssl
 from pathlib import Path
@@ -26,6 +27,9 @@ from proxy.errors import ConfigError
 from proxy.metrics import metrics_handler
 
 log = logging.getLogger("wattproxy")
+
+#: Below this open-file limit, the proxy warns at startup (two descriptors per stream).
+MIN_FDS = 16_384
 
 
 def _ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -184,7 +188,29 @@ async def run(
         await service.stop()
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft open-file limit to the hard one: every stream holds two sockets (client and
+    upstream), and running out makes accept() fail in a busy loop. Returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, e)
+    if soft < MIN_FDS:
+        log.warning(
+            "open-file limit is %d: about %d concurrent streams; raise it (ulimit -n, "
+            "systemd LimitNOFILE=65536)",
+            soft,
+            soft // 2,
+        )
+    return int(soft)
+
+
 def serve(cfg: Config, config_path: str | None = None) -> int:
+    raise_fd_limit()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is optional

@@ -102,3 +102,19 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     metrics = (tmp_path / "out" / "metrics.prom").read_text()
     assert "wattproxy_energy_joules_total" in metrics
     assert 'source="measured"' in metrics
+
+
+def test_serve_lifts_the_open_file_limit_to_the_hard_limit() -> None:
+    code = (
+        "import resource\n"
+        "from proxy.server import raise_fd_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))\n"
+        "got = raise_fd_limit()\n"
+        "assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == got\n"
+        "assert got == hard or hard == resource.RLIM_INFINITY, (got, hard)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
