@@ -19,7 +19,7 @@ from estimators.attribution import AttributionEngine, Flight
 from estimators.estimator import Estimator, RequestShape
 from estimators.meters.base import Reading
 from proxy.metrics import Metrics
-from proxy.records import RequestRecord, utc_iso, utcnow
+from proxy.records import RequestRecord, utc_now_iso
 from proxy.tasks import OTHER
 from proxy.usage.base import Usage
 
@@ -121,7 +121,7 @@ class Accountant:
             )
             self._change_load(metered, record.task, +1, now)
         self._inflight[record.upstream] += 1
-        self.metrics.inflight.labels(record.upstream).inc()
+        self.metrics.inflight_for(record.upstream).inc()
         return req
 
     def first_byte(self, req: OpenRequest) -> None:
@@ -145,34 +145,37 @@ class Accountant:
         rec = req.record
         rec.status = status
         rec.outcome = outcome
-        rec.ended_at = utc_iso(utcnow())
+        rec.ended_at = utc_now_iso()
         rec.duration_s = now - req.t_start_s
         rec.prompt_tokens = usage.prompt_tokens
         rec.completion_tokens = usage.completion_tokens
         rec.tokens_source = usage.tokens_source
-        req.shape = replace(
-            req.shape,
+        shape = req.shape
+        req.shape = RequestShape(  # as dataclasses.replace, without its introspection
+            upstream=shape.upstream,
+            model=shape.model,
+            task=shape.task,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             duration_s=rec.duration_s,
-            images=usage.images if usage.images is not None else req.shape.images,
+            images=usage.images if usage.images is not None else shape.images,
+            concurrency=shape.concurrency,
         )
         m = self.metrics
         model = m.model_label(rec.model)
-        m.inflight.labels(rec.upstream).dec()
+        m.inflight_for(rec.upstream).dec()
         self._inflight[rec.upstream] -= 1
         if self._inflight[rec.upstream] <= 0:
             del self._inflight[rec.upstream]
-        m.requests.labels(rec.upstream, model, rec.task, str(status)).inc()
-        m.duration.labels(rec.upstream, rec.task).observe(rec.duration_s)
+        series = m.series(rec.upstream, model, rec.task)
+        series.requests(str(status)).inc()
+        series.duration.observe(rec.duration_s)
         if rec.ttfb_s is not None:
-            m.ttfb.labels(rec.upstream, rec.task).observe(rec.ttfb_s)
+            series.ttfb.observe(rec.ttfb_s)
         if usage.prompt_tokens:
-            m.tokens.labels(rec.upstream, model, rec.task, "prompt").inc(usage.prompt_tokens)
+            series.prompt_tokens.inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            m.tokens.labels(rec.upstream, model, rec.task, "completion").inc(
-                usage.completion_tokens
-            )
+            series.completion_tokens.inc(usage.completion_tokens)
         if not req.devices:
             self._finalize(req, None)
             return
@@ -297,9 +300,9 @@ class Accountant:
             rec.extra["estimate_method"] = estimate.method
         rec.final = True
         m = self.metrics
-        labels = m.energy_labels(rec.upstream, rec.model, rec.task, rec.source, rec.user)
-        m.energy.labels(*labels).inc(rec.energy_j)
-        m.co2e.labels(*labels).inc(rec.co2e_g)
+        energy, co2e = m.energy_for(rec.upstream, rec.model, rec.task, rec.source, rec.user)
+        energy.inc(rec.energy_j)
+        co2e.inc(rec.co2e_g)
         if rec.task != OTHER:
             m.request_energy.labels(rec.task).observe(rec.energy_j)
         self.sink(rec)

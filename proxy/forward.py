@@ -30,7 +30,7 @@ from proxy.errors import (
 from proxy.headers import REQUEST_DROP, RESPONSE_DROP, filter_headers, request_id
 from proxy.identity import Identity, IdentityResolver
 from proxy.metrics import Metrics
-from proxy.records import RequestRecord, utc_iso, utcnow
+from proxy.records import RequestRecord, utc_now_iso
 from proxy.routing import Router
 from proxy.tasks import OTHER, task_for
 from proxy.tokens import TokenCounter, estimate_tokens
@@ -48,6 +48,8 @@ from proxy.usage.base import (
 log = logging.getLogger("wattproxy.forward")
 
 BODY_METHODS = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+#: Request headers not sent upstream when clients authenticate to the proxy with its own keys.
+REQUEST_DROP_WITH_KEYS = REQUEST_DROP | {"authorization", "x-api-key"}
 
 
 #: Budget check: raises ``BudgetExceeded`` for an identity over its budget.
@@ -129,6 +131,17 @@ async def _body_chunks(
 
 
 async def read_limited(request: web.Request, limit: int, timeout_s: float | None = None) -> bytes:
+    length = request.content_length
+    if length is not None and length <= limit:
+        # the body cannot outgrow its Content-Length: one read under one deadline (a timeout
+        # context per chunk costs more than the read of a small body)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await request.content.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {timeout_s:g} s"
+            ) from None
     return b"".join([chunk async for chunk in _body_chunks(request, limit, timeout_s)])
 
 
@@ -265,9 +278,8 @@ class Forwarder:
     def _upstream_headers(
         self, request: web.Request, upstream: UpstreamConfig, rid: str
     ) -> CIMultiDict[str]:
-        drop = set(REQUEST_DROP)
-        if self.identity.keys_required:
-            drop |= {"authorization", "x-api-key"}  # the proxy's own keys never go upstream
+        # the proxy's own keys never go upstream
+        drop = REQUEST_DROP_WITH_KEYS if self.identity.keys_required else REQUEST_DROP
         headers = filter_headers(request.headers, drop)
         key = self.upstream_keys.get(upstream.name)
         if key:
@@ -302,7 +314,7 @@ class Forwarder:
             model=plan.model,
             task=task,
             status=0,
-            started_at=utc_iso(utcnow()),
+            started_at=utc_now_iso(),
             end_user=plan.end_user,
             key_id=who.key_id,
         )

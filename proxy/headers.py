@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import random
 import re
-import uuid
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -29,6 +31,11 @@ RESPONSE_DROP = frozenset(("content-length", "x-wattproxy-task"))
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
+#: Draws fresh request ids: seeded from the OS, private so that a ``random.seed()`` elsewhere in
+#: the process cannot repeat ids, and reseeded in forked children so they cannot either.
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
+
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     tokens: set[str] = set()
@@ -41,12 +48,24 @@ def filter_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], extra_drop: Iterable[str] = ()
 ) -> CIMultiDict[str]:
     """Copy ``headers`` minus hop-by-hop ones, those named in ``Connection`` and ``extra_drop``."""
-    drop = HOP_BY_HOP | connection_tokens(headers) | {h.lower() for h in extra_drop}
+    if isinstance(extra_drop, frozenset):
+        drop = _dropped(extra_drop)  # the usual case, per request and response: built once
+    else:
+        drop = HOP_BY_HOP | {h.lower() for h in extra_drop}
+    if "Connection" in headers:
+        drop = drop | connection_tokens(headers)
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
+@functools.lru_cache(maxsize=64)
+def _dropped(extra_drop: frozenset[str]) -> frozenset[str]:
+    return HOP_BY_HOP | {h.lower() for h in extra_drop}
+
+
 def request_id(client_value: str | None) -> str:
-    """The client's ``X-Request-Id`` when it is short and plain, else a fresh one."""
+    """The client's ``X-Request-Id`` when it is short and plain, else a fresh one: 128 random
+    bits as 32 hex digits, like ``uuid.uuid4().hex`` but without its ``os.urandom`` syscall
+    per id (ids need not be secret: records are access-checked by user)."""
     if client_value and _SANE_ID.match(client_value):
         return client_value
-    return uuid.uuid4().hex
+    return f"{_ids.getrandbits(128):032x}"

@@ -38,7 +38,7 @@ from redis.retry import Retry
 
 from proxy.errors import LedgerError
 from proxy.ledger.base import AggregateRow, Ledger
-from proxy.records import RequestRecord
+from proxy.records import RequestRecord, dumps_doc
 
 DEFAULT_KEY_PREFIX = "wp"
 SOCKET_TIMEOUT_S = 2.0  # one command's reply
@@ -225,7 +225,7 @@ class RedisLedger(Ledger):
                 for r in records:
                     pipe.set(
                         self._record_key(r.request_id),
-                        json.dumps(r.to_dict()),
+                        dumps_doc(r.to_dict()),
                         ex=record_ttl_s,
                         nx=True,
                     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from proxy.errors import LedgerError
 from proxy.ledger.base import AggregateRow, Ledger
-from proxy.records import RequestRecord
+from proxy.records import RequestRecord, dumps_doc
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -111,21 +111,19 @@ class SQLiteLedger(Ledger):
 
     def _write(self, records: Sequence[RequestRecord]) -> int:
         conn = self._connect()
-        new = 0
+        daily: list[tuple[object, ...]] = []  # the aggregate updates of the new records
         try:
             with conn:
                 for r in records:
                     cur = conn.execute(
                         "INSERT OR IGNORE INTO records (request_id, day, user, team, ended_at, doc)"
                         " VALUES (?, ?, ?, ?, ?, ?)",
-                        (r.request_id, r.day, r.user, r.team, r.ended_at, json.dumps(r.to_dict())),
+                        (r.request_id, r.day, r.user, r.team, r.ended_at, dumps_doc(r.to_dict())),
                     )
                     if cur.rowcount != 1:
                         continue
-                    new += 1
                     measured = r.energy_j if r.source == "measured" else 0.0
-                    conn.execute(
-                        UPSERT_DAILY,
+                    daily.append(
                         (
                             r.day,
                             r.user,
@@ -138,14 +136,15 @@ class SQLiteLedger(Ledger):
                             r.prompt_tokens or 0,
                             r.completion_tokens or 0,
                             measured,
-                        ),
+                        )
                     )
+                conn.executemany(UPSERT_DAILY, daily)  # same transaction, same order
             self._writes += 1
             if self._writes % 1000 == 0:
                 self._prune(conn)
         except sqlite3.Error as e:
             raise LedgerError(f"SQLite ledger {self.path}: {e}") from e
-        return new
+        return len(daily)
 
     def _prune(self, conn: sqlite3.Connection) -> None:
         cutoff = (datetime.now(UTC) - timedelta(days=self.retention_days)).date().isoformat()

@@ -194,6 +194,27 @@ class SSEFramer(Framer):
     __slots__ = ()
     terminator = _EVENT_END
 
+    def push(self, chunk: bytes) -> Iterator[bytes]:
+        """As ``Framer.push``; without a ``\r`` only ``\n\n`` can end a frame, and splitting on
+        it costs a fifth of the regex loop (this runs for every streamed chunk)."""
+        if b"\r" in chunk or b"\r" in self._buf:
+            return Framer.push(self, chunk)
+        buf = self._buf + chunk if self._buf else chunk
+        end = buf.find(b"\n\n")
+        if end >= 0 and end == len(buf) - 2:  # the usual chunk: one whole event
+            self._buf = b""
+            return iter((buf,))
+        frames = buf.split(b"\n\n")
+        rest = frames.pop()
+        out = [f + b"\n\n" for f in frames]
+        if len(rest) > self.max_frame_bytes:
+            self.oversize = True
+            self._buf = b""
+            out.append(rest)
+        else:
+            self._buf = rest
+        return iter(out)
+
 
 class NDJSONFramer(Framer):
     """Newline-delimited JSON (Ollama): frames end with ``\n``."""
