@@ -8,8 +8,10 @@ so attribution downstream only ever sees non-negative interval deltas.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+
+from estimators.errors import MeterError
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,39 @@ class Reading:
     energy_j: Mapping[str, float]
     power_w: Mapping[str, float] = field(default_factory=dict)
     errors: Mapping[str, str] = field(default_factory=dict)
+
+
+#: One device's sample: cumulative joules, and the latest power in watts when known.
+Sample = tuple[float, float | None]
+
+
+def read_each(
+    kind: str,
+    t_s: float,
+    names: Iterable[str],
+    sample: Callable[[str], Sample],
+    unit: str = "device",
+) -> Reading:
+    """Sample every device; one that fails goes to ``errors`` and the rest are still read.
+    Raises ``MeterError`` only when no device could be read."""
+    energy: dict[str, float] = {}
+    power: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        try:
+            energy_j, power_w = sample(name)
+        except MeterError as e:
+            errors[name] = str(e)
+            continue
+        energy[name] = energy_j
+        if power_w is not None:
+            power[name] = power_w
+    if not energy:
+        raise MeterError(
+            f"{kind}: no {unit} could be read: "
+            + "; ".join(f"{name}: {reason}" for name, reason in errors.items())
+        )
+    return Reading(timestamp_s=t_s, energy_j=energy, power_w=power, errors=errors)
 
 
 class Meter(abc.ABC):

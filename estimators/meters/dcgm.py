@@ -26,7 +26,13 @@ from typing import Literal
 from prometheus_client.parser import text_string_to_metric_families
 
 from estimators.errors import MeterError, MeterUnavailable
-from estimators.meters.base import EnergyCounter, Meter, PowerIntegrator, Reading
+from estimators.meters.base import (
+    EnergyCounter,
+    Meter,
+    PowerIntegrator,
+    Reading,
+    read_each,
+)
 
 log = logging.getLogger("wattproxy.meter.dcgm")
 
@@ -168,24 +174,10 @@ class DcgmMeter(Meter):
         with self._lock:
             t_s = self._clock()
             page = self._scrape()
-            energy: dict[str, float] = {}
-            power: dict[str, float] = {}
-            errors: dict[str, str] = {}
-            for name, gpu in self._gpus.items():
-                try:
-                    energy_j, power_w = self._sample(name, gpu, page, t_s)
-                except MeterError as e:
-                    errors[name] = str(e)
-                    continue
-                energy[name] = energy_j
-                if power_w is not None:
-                    power[name] = power_w
-            if not energy:
-                raise MeterError(
-                    "dcgm: no GPU could be read: "
-                    + "; ".join(f"{name}: {reason}" for name, reason in errors.items())
-                )
-            return Reading(timestamp_s=t_s, energy_j=energy, power_w=power, errors=errors)
+            gpus = self._gpus
+            return read_each(
+                "dcgm", t_s, gpus, lambda n: self._sample(n, gpus[n], page, t_s), unit="GPU"
+            )
 
     def _scrape(self) -> dict[str, list[Series]]:
         request = urllib.request.Request(self._url, headers={"Accept": "text/plain"})

@@ -26,7 +26,14 @@ from types import ModuleType
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from estimators.errors import MeterError, MeterUnavailable
-from estimators.meters.base import EnergyCounter, Meter, PowerIntegrator, Reading
+from estimators.meters.base import (
+    EnergyCounter,
+    Meter,
+    PowerIntegrator,
+    Reading,
+    Sample,
+    read_each,
+)
 
 log = logging.getLogger("wattproxy.meter.nvml")
 
@@ -203,27 +210,18 @@ class NvmlMeter(Meter):
     def read(self) -> Reading:
         with self._lock:
             t_s = self._clock()
-            energy: dict[str, float] = {}
-            power: dict[str, float] = {}
-            errors: dict[str, str] = {}
-            for name, gpu in self._gpus.items():
+
+            def sample(name: str) -> Sample:
+                gpu = self._gpus[name]
                 try:
                     if gpu.handle is None:
                         self._open(name, gpu, t_s)
-                    energy_j, power_w = self._sample(name, gpu, t_s)
-                except MeterError as e:
+                    return self._sample(name, gpu, t_s)
+                except MeterError:
                     gpu.handle = None  # resolve it again next time: the GPU may have come back
-                    errors[name] = str(e)
-                    continue
-                energy[name] = energy_j
-                if power_w is not None:
-                    power[name] = power_w
-            if not energy:
-                raise MeterError(
-                    "nvml: no GPU could be read: "
-                    + "; ".join(f"{name}: {reason}" for name, reason in errors.items())
-                )
-            return Reading(timestamp_s=t_s, energy_j=energy, power_w=power, errors=errors)
+                    raise
+
+            return read_each("nvml", t_s, self._gpus, sample, unit="GPU")
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from estimators.errors import MeterError, MeterUnavailable
-from estimators.meters.base import EnergyCounter, Meter, Reading
+from estimators.meters.base import EnergyCounter, Meter, Reading, read_each
 
 log = logging.getLogger("wattproxy.meter.rapl")
 
@@ -139,24 +139,10 @@ class RaplMeter(Meter):
     def read(self) -> Reading:
         with self._lock:
             t_s = self._clock()
-            energy: dict[str, float] = {}
-            power: dict[str, float] = {}
-            errors: dict[str, str] = {}
-            for name, domain in self._domains.items():
-                try:
-                    energy_j, power_w = self._sample(domain, t_s)
-                except MeterError as e:
-                    errors[name] = str(e)
-                    continue
-                energy[name] = energy_j
-                if power_w is not None:
-                    power[name] = power_w
-            if not energy:
-                raise MeterError(
-                    "rapl: no domain could be read: "
-                    + "; ".join(f"{name}: {reason}" for name, reason in errors.items())
-                )
-            return Reading(timestamp_s=t_s, energy_j=energy, power_w=power, errors=errors)
+            domains = self._domains
+            return read_each(
+                "rapl", t_s, domains, lambda n: self._sample(domains[n], t_s), unit="domain"
+            )
 
     def _sample(self, domain: _Domain, t_s: float) -> tuple[float, float | None]:
         """Cumulative joules and the average watts since the previous read."""
