@@ -181,14 +181,24 @@ class Estimator:
         return priors.per_inference_j(task)
 
     def prefill_j_per_token(
-        self, upstream: str, model: str | None, task: str, concurrency: int = 1
+        self,
+        upstream: str,
+        model: str | None,
+        task: str,
+        concurrency: int = 1,
+        decode_j_per_token: float | None = None,
     ) -> float:
         """Joules per prompt token: calibrated when fitted, else in the LLM estimate's
-        proportion to ``decode_j_per_token`` (or ``DEFAULT_PREFILL_DECODE_RATIO`` of it)."""
+        proportion to ``decode_j_per_token`` (or ``DEFAULT_PREFILL_DECODE_RATIO`` of it).
+        Pass ``decode_j_per_token`` when it is at hand, to skip deriving it again."""
         fit = self.calibration.fit((upstream, model, task))
         if fit is not None and fit.prefill_j_per_token > 0.0:
             return fit.prefill_j_per_token
-        decode = self.decode_j_per_token(upstream, model, task, concurrency)
+        decode = (
+            self.decode_j_per_token(upstream, model, task, concurrency)
+            if decode_j_per_token is None
+            else decode_j_per_token
+        )
         info = self._llm_model(upstream, model, task)
         if info is None:
             return decode * DEFAULT_PREFILL_DECODE_RATIO
@@ -204,13 +214,16 @@ class Estimator:
         shape: RequestShape,
         token_stream: bool,
     ) -> WorkProfile:
-        """Relative costs for the ``work`` weighting of one request."""
+        """Relative costs for the ``work`` weighting of one request. ``expected_j`` weighs only
+        requests without a token stream, so it is estimated only for them (every request pays
+        for ``profile``)."""
         args = (shape.upstream, shape.model, shape.task, shape.concurrency)
+        decode = self.decode_j_per_token(*args)
         return WorkProfile(
             prompt_tokens=float(shape.prompt_tokens or 0),
-            prefill_j_per_token=self.prefill_j_per_token(*args),
-            decode_j_per_token=self.decode_j_per_token(*args),
-            expected_j=self.estimate(shape).energy_j,
+            prefill_j_per_token=self.prefill_j_per_token(*args, decode_j_per_token=decode),
+            decode_j_per_token=decode,
+            expected_j=0.0 if token_stream else self.estimate(shape).energy_j,
             token_stream=token_stream,
         )
 
