@@ -172,8 +172,11 @@ def test_estimator_prefers_a_fitted_calibration() -> None:
     assert fit is not None
     assert est.decode_j_per_token("llm", "llama", "text-generation") == fit.decode_j_per_token
     assert est.prefill_j_per_token("llm", "llama", "text-generation") == fit.prefill_j_per_token
-    profile = est.profile(shape, token_stream=True)
+    profile = est.profile(shape, token_stream=False)  # expected_j weighs non-streams only
     assert profile.expected_j == result.energy_j
+    streamed = est.profile(shape, token_stream=True)
+    assert streamed.decode_j_per_token == fit.decode_j_per_token
+    assert streamed.prefill_j_per_token == fit.prefill_j_per_token
     # another model of the same upstream is not calibrated yet
     other = RequestShape("llm", "other", "text-generation", 500, 100)
     assert est.estimate(other).method == LLM
