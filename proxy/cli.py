@@ -101,6 +101,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("wattproxy: --from and --to must be ISO dates, e.g. 2026-11-01", file=sys.stderr)
         return EXIT_CONFIG
 
+    if cfg.ledger.url.startswith("sqlite:"):
+        from proxy.ledger.sqlite import SQLiteLedger
+
+        path = Path(SQLiteLedger.from_url(cfg.ledger.url).path)
+        if not path.is_file():  # never create an empty ledger just to report on it
+            print(
+                f"wattproxy: no ledger at {path.resolve()} (ledger.url {cfg.ledger.url})",
+                file=sys.stderr,
+            )
+            return 1
+
     async def fetch() -> list[AggregateRow]:
         ledger = open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
         await ledger.open()

@@ -78,23 +78,30 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+def fmt_num(value: float) -> str:
+    """Three significant digits, never in exponent form (1,196 not 1.2e+03)."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
 def fmt_g(grams: float) -> str:
     """Grams CO2e for people: mg, g or kg."""
     if grams >= 1000:
-        return f"{grams / 1000:.3g} kg"
+        return f"{fmt_num(grams / 1000)} kg"
     if grams >= 1 or grams == 0:
-        return f"{grams:.3g} g"
-    return f"{grams * 1000:.3g} mg"
+        return f"{fmt_num(grams)} g"
+    return f"{fmt_num(grams * 1000)} mg"
 
 
 def fmt_energy(energy_j: float) -> str:
     """Joules for people: J, Wh or kWh."""
     wh = energy_j / J_PER_WH
     if wh >= 1000:
-        return f"{wh / 1000:.3g} kWh"
+        return f"{fmt_num(wh / 1000)} kWh"
     if wh >= 1:
-        return f"{wh:.3g} Wh"
-    return f"{energy_j:.3g} J"
+        return f"{fmt_num(wh)} Wh"
+    return f"{fmt_num(energy_j)} J"
 
 
 def _days(start: str, end: str) -> list[str]:
@@ -282,9 +289,9 @@ request: {_e(fmt_energy(estimated_j))} ({1 - share:.0%})
 <h2>Equivalents</h2>
 <div class="cards" id="equivalents">
 <div class="card"><div class="label">Smartphone charges</div>
-<div class="value">{float(eq.get("smartphone_charges", 0.0)):.3g}</div></div>
+<div class="value">{fmt_num(float(eq.get("smartphone_charges", 0.0)))}</div></div>
 <div class="card"><div class="label">km by gasoline car</div>
-<div class="value">{float(eq.get("km_gasoline_car", 0.0)):.3g}</div></div>
+<div class="value">{fmt_num(float(eq.get("km_gasoline_car", 0.0)))}</div></div>
 </div>
 <p class="note">Source: {_e(EQUIVALENTS_SOURCE)}.</p>
 </main>

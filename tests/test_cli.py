@@ -118,3 +118,12 @@ def test_serve_lifts_the_open_file_limit_to_the_hard_limit() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_report_refuses_a_missing_sqlite_ledger(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"ledger": {"url": "sqlite:///nowhere/ledger.db"}}))
+    r = run("report", "--user", "alice", "--config", str(cfg), cwd=tmp_path)
+    assert r.returncode == 1
+    assert "no ledger at" in r.stderr and "nowhere/ledger.db" in r.stderr
+    assert not (tmp_path / "nowhere").exists()  # nothing was created

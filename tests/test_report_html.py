@@ -261,3 +261,12 @@ def test_chromium_draws_the_chart(tmp_path: Path) -> None:
     for fill in fills:
         assert fill is not None
         assert counts[hex_rgb(fill)] > 200, f"no {fill} bars on screen"
+
+
+def test_numbers_are_never_in_exponent_form() -> None:
+    from proxy.report_html import fmt_energy, fmt_g
+
+    assert fmt_energy(1196.06) == "1,196 J"
+    assert fmt_energy(36_000.0) == "10 Wh"
+    assert fmt_g(1_234_567.0) == "1,235 kg"
+    assert fmt_g(0.189) == "189 mg"
