@@ -27,6 +27,8 @@ log = logging.getLogger("wattproxy.accounting")
 
 #: A device unread for this long stops holding back the records of requests that ended on it.
 DOWN_AFTER_S = 5.0
+#: Longest model name kept from a form field (the JSON body's is taken as the client sent it).
+MAX_MODEL_CHARS = 256
 #: Outcomes where the upstream never got the request: nothing to estimate.
 NOT_SERVED = frozenset(("upstream_unavailable", "payload_too_large", "client_timeout"))
 
@@ -150,6 +152,8 @@ class Accountant:
         rec.prompt_tokens = usage.prompt_tokens
         rec.completion_tokens = usage.completion_tokens
         rec.tokens_source = usage.tokens_source
+        if rec.model is None and usage.model:
+            rec.model = usage.model[:MAX_MODEL_CHARS]  # named in a multipart form field
         shape = req.shape
         req.shape = RequestShape(  # as dataclasses.replace, without its introspection
             upstream=shape.upstream,

@@ -551,6 +551,7 @@ class Forwarder:
         if plan.upload is not None:
             uploaded = plan.upload.finish()
             usage.audio_s = uploaded.audio_s if uploaded.audio_s is not None else usage.audio_s
+            usage.model = uploaded.model
         for key, value in plan.extra.items():  # what the request said (image size, steps)
             usage.extra.setdefault(key, value)
         if usage.images is None:

@@ -198,6 +198,7 @@ async def test_multipart_upload_streams_through_unchanged_and_is_timed(
     assert upload.wav_seconds == pytest.approx(SECONDS)
     rec = got.record
     assert rec["task"] == "automatic-speech-recognition"
+    assert rec["model"] == "whisper-large-v3"  # from the multipart form field
     assert rec["audio_s"] == pytest.approx(SECONDS)  # from the RIFF header, not the server
     assert rec["completion_tokens"] == 5  # "the quick brown fox": 19 bytes / 4, estimated
     assert rec["tokens_source"] == "estimate"
@@ -218,6 +219,7 @@ async def test_transcription_text_answer_with_tokenizer(
     got = await call(base, "/v1/audio/transcriptions", data=form)
     assert got.body == b"the quick brown fox\n"
     assert got.record["audio_s"] == pytest.approx(2.5)
+    assert got.record["model"] == "whisper"
     assert got.record["completion_tokens"] is None  # a text/plain answer is not parsed
 
 

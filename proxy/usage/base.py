@@ -55,6 +55,8 @@ class Usage:
     extra: dict[str, Any] = field(default_factory=dict)
     #: Text the server generated without counting it, for a tokenizer (or an estimate).
     generated_text: str | None = None
+    #: The model named in a streamed request body (a multipart form field), known only at the end.
+    model: str | None = None
 
     def record_fields(self) -> dict[str, Any]:
         """What a request record keeps beyond token counts: audio seconds, images, ``extra``."""

@@ -153,7 +153,7 @@ class MultipartUpload:
         return self.wav.duration_s if self.wav is not None else None
 
     def finish(self) -> Usage:
-        return Usage(audio_s=self.audio_s)
+        return Usage(audio_s=self.audio_s, model=self.fields.get("model") or None)
 
 
 def upload_probe(content_type: str) -> MultipartUpload | None:
