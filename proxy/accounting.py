@@ -157,7 +157,7 @@ class Accountant:
         shape = req.shape
         req.shape = RequestShape(  # as dataclasses.replace, without its introspection
             upstream=shape.upstream,
-            model=shape.model,
+            model=rec.model,
             task=shape.task,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,

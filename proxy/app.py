@@ -33,7 +33,7 @@ from proxy.background import Background
 from proxy.budgets import Budgets
 from proxy.config import Config, UpstreamConfig
 from proxy.emissions import Emissions, RecentRecords
-from proxy.errors import ConfigError, ProxyError
+from proxy.errors import ProxyError
 from proxy.forward import BudgetCheck, Forwarder, check_target, json_error
 from proxy.headers import request_id
 from proxy.identity import IdentityResolver, KeyStore
@@ -156,13 +156,19 @@ def _model_tasks(cfg: Config) -> dict[str, str]:
 
 
 def _estimator(cfg: Config) -> Estimator:
+    """The estimator, with the model of every upstream whose ``model_path`` holds a config
+    (a folder with only a tokenizer still counts tokens; its estimates use the task priors)."""
     estimator = Estimator()
     for upstream in cfg.upstreams:
         if upstream.model_path:
             try:
                 estimator.register_model(upstream.name, model_path=upstream.model_path)
             except EstimatorError as e:
-                raise ConfigError([f"upstreams.{upstream.name}.model_path: {e}"]) from e
+                log.warning(
+                    "upstreams.%s.model_path: no model-aware estimate (%s); priors are used",
+                    upstream.name,
+                    e,
+                )
     return estimator
 
 
@@ -184,7 +190,7 @@ def build_parts(
     engine = AttributionEngine(
         Weighting(cfg.attribution.weighting), IdlePolicy(cfg.attribution.idle), idle_w
     )
-    estimator = Estimator()
+    estimator = _estimator(cfg)
     ledger = (
         ledger if ledger is not None else open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
     )
@@ -255,6 +261,27 @@ def build_parts(
     return parts
 
 
+async def _load_counters(counters: dict[str, TokenCounter]) -> dict[str, TokenCounter]:
+    """Load the tokenizers (off the loop); an upstream whose folder has none usable counts
+    tokens from the server or by estimate instead, with a warning."""
+    results = await asyncio.gather(
+        *(asyncio.to_thread(c.load) for c in counters.values()), return_exceptions=True
+    )
+    loaded = {}
+    for (name, counter), result in zip(counters.items(), results, strict=True):
+        if isinstance(result, Exception):
+            log.warning(
+                "upstreams.%s.model_path: no tokenizer in %s (%s); tokens come from the server "
+                "or are estimated",
+                name,
+                counter.model_path,
+                type(result).__name__,
+            )
+        else:
+            loaded[name] = counter
+    return loaded
+
+
 def _client_ssl(upstream: UpstreamConfig) -> ssl.SSLContext | bool:
     if upstream.ca_file:
         return ssl.create_default_context(cafile=upstream.ca_file)
@@ -281,8 +308,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await parts.ledger.open()
     for upstream in cfg.upstreams:
         parts.sessions[upstream.name] = _session(upstream)
-    if parts.counters:
-        await asyncio.gather(*(asyncio.to_thread(c.load) for c in parts.counters.values()))
+    loaded = await _load_counters(parts.counters)
+    parts.counters.clear()
+    parts.counters.update(loaded)
     bg = parts.background
     await parts.sampler.read_once()  # the baseline reading
     bg.spawn("sampler", parts.sampler.run())
@@ -382,8 +410,8 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
         counter = parts.counters.get(upstream.name)
         if counter is None or before[upstream.name].model_path != upstream.model_path:
             counter = TokenCounter(upstream.model_path)
-            await asyncio.to_thread(counter.load)
         counters[upstream.name] = counter
+    counters = await _load_counters(counters)
     model_tasks = await asyncio.to_thread(_model_tasks, cfg)
     budgets = parts.budgets
     if budgets is None or cfg.budgets != old.budgets:

@@ -132,12 +132,11 @@ class Budgets:
             return
         now = self.clock()
         periods = [period_of(limit.period, now) for limit in limits]
-        used = await asyncio.gather(
-            *(
-                self._used(lim.scope, lim.key, p, now)
-                for lim, p in zip(limits, periods, strict=True)
-            )
-        )
+        # one to three limits, nearly always cached: awaited in turn, no task per request
+        used = [
+            await self._used(lim.scope, lim.key, p, now)
+            for lim, p in zip(limits, periods, strict=True)
+        ]
         worst: tuple[Limit, float, int] | None = None
         for limit, period, used_g in zip(limits, periods, used, strict=True):
             if used_g < limit.budget_g:

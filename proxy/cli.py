@@ -21,11 +21,15 @@ EXIT_CONFIG = 2
 DEFAULT_CONFIG = "config.yaml"
 
 
-def _config(path: str | None) -> Config:
-    """The config at ``path``; without ``--config``, ./config.yaml if present, else defaults."""
+def _config_path(path: str | None) -> str | None:
+    """``--config``; without it, ./config.yaml if present, else None (defaults and env)."""
     if path is None and Path(DEFAULT_CONFIG).is_file():
-        path = DEFAULT_CONFIG
-    return load_config(path)
+        return DEFAULT_CONFIG
+    return path
+
+
+def _config(path: str | None) -> Config:
+    return load_config(_config_path(path))
 
 
 def _print_problems(err: ConfigError) -> None:
@@ -64,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.server import serve
 
     try:
-        return serve(cfg, config_path=args.config)
+        return serve(cfg, config_path=_config_path(args.config))
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG

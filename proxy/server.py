@@ -16,7 +16,6 @@ import logging
 import resource
 import signal
 import ssl
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -149,20 +148,12 @@ class Service:
             self._metrics_runner = None
 
 
-def _default_config_path(config_path: str | None) -> str | None:
-    """The file ``serve`` read: --config, else ./config.yaml when present (as the CLI does)."""
-    from proxy.cli import DEFAULT_CONFIG
-
-    if config_path is None and Path(DEFAULT_CONFIG).is_file():
-        return DEFAULT_CONFIG
-    return config_path
-
-
 async def run(
     cfg: Config, config_path: str | None = None, ready: asyncio.Event | None = None
 ) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
-    service = Service(cfg, _default_config_path(config_path))
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads ``config_path`` (the file ``cfg`` came
+    from, as the CLI resolved it)."""
+    service = Service(cfg, config_path)
     await service.start()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()

@@ -233,3 +233,42 @@ async def test_a_generic_upstream_gets_its_models_task_end_to_end(
         assert r.headers["X-Wattproxy-Task"] == "text-classification"
         async with s.get(url_of(proxy) + "/v1/models") as r2:
             assert r2.headers["X-Wattproxy-Task"] == OTHER  # a GET runs no model
+
+
+async def test_an_unmetered_upstream_with_a_model_config_gets_the_llm_estimate(
+    upstream: Any, make_proxy: Any, tmp_path: Path
+) -> None:
+    """``model_path`` reaches the estimator: with no meter, records say the LLM estimate."""
+    import aiohttp
+
+    from tests.conftest import proxy_config, url_of
+    from tests.test_proxy_openai import final_record
+
+    folder = tmp_path / "llama"
+    config = LlamaConfig(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    cfg = proxy_config(
+        url_of(upstream),
+        tmp_path,
+        upstreams=[{"name": "llm", "url": url_of(upstream), "model_path": str(folder)}],
+        meter={"kind": "none"},
+    )
+    proxy, _ = await make_proxy(cfg)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url_of(proxy) + "/v1/chat/completions", json=body) as r,
+    ):
+        rid = r.headers["X-Request-Id"]
+    rec = await final_record(url_of(proxy), rid)
+    assert rec["source"] == "estimated"
+    assert rec["estimate_method"] == "llm", rec["basis"]
+    assert rec["energy_j"] > 0

@@ -78,6 +78,7 @@ class LedgerWriter:
         self.spooled = 0
         #: records dropped because memory and spool were both full
         self.dropped = 0
+        self._backlog_gauge = metrics.ledger_backlog.labels(ledger.backend)  # set per record
         self._set_backlog()
 
     @property
@@ -87,7 +88,7 @@ class LedgerWriter:
         return len(self._memory) + self._inflight + spooled
 
     def _set_backlog(self) -> None:
-        self.metrics.ledger_backlog.labels(self.ledger.backend).set(self.backlog)
+        self._backlog_gauge.set(self.backlog)
 
     def submit(self, record: RequestRecord) -> None:
         """Queue a final record; never blocks."""

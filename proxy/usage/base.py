@@ -249,6 +249,11 @@ class ObservingStream(StreamUsage):
         return b""
 
 
+def int_field(value: Any) -> int | None:
+    """A JSON integer, or None for anything else (booleans included: JSON's true is no count)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def sse_data(event: bytes) -> bytes | None:
     """The joined ``data:`` payload of one event, or ``None`` when it has none."""
     parts = []

@@ -21,6 +21,7 @@ from proxy.usage.base import (
     RequestPlan,
     StreamUsage,
     Usage,
+    int_field,
     parse_json,
 )
 
@@ -33,10 +34,6 @@ NS_PER_S = 1e9
 _DONE = re.compile(rb'"done"\s*:\s*true')
 _CONTENT = re.compile(rb'"(?:response|content|thinking)"\s*:\s*"(?!")')
 _TEXT = re.compile(rb'"(?:response|content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _prompt(path: str, doc: dict[str, Any], plan: RequestPlan) -> None:
@@ -73,7 +70,7 @@ def plan_request(path: str, doc: Any) -> RequestPlan:
     plan.stream = path in GENERATE_PATHS and doc.get("stream") is not False
     options = doc.get("options")
     if isinstance(options, dict):
-        n = _int(options.get("num_predict"))
+        n = int_field(options.get("num_predict"))
         plan.max_tokens = n if n is not None and n >= 0 else None
     _prompt(path, doc, plan)
     return plan
@@ -81,13 +78,13 @@ def plan_request(path: str, doc: Any) -> RequestPlan:
 
 def _final(usage: Usage, obj: dict[str, Any]) -> None:
     """Counts and durations of a ``done`` object (or of a non-streaming answer)."""
-    prompt = _int(obj.get("prompt_eval_count"))
-    completion = _int(obj.get("eval_count"))
+    prompt = int_field(obj.get("prompt_eval_count"))
+    completion = int_field(obj.get("eval_count"))
     if completion is None and obj.get("done") is True and "embeddings" not in obj:
         completion = 0  # omitted when zero
     usage.merge_server(prompt, completion)
     for key in DURATIONS_NS:
-        ns = _int(obj.get(key))
+        ns = int_field(obj.get(key))
         if ns is not None:
             usage.extra[key + "_s"] = ns / NS_PER_S
     reason = obj.get("done_reason")
@@ -157,7 +154,7 @@ def usage_from_body(path: str, doc: Any) -> Usage:
     if not isinstance(doc, dict):
         return usage
     if path in ("/api/embed", "/api/embeddings"):
-        prompt = _int(doc.get("prompt_eval_count"))
+        prompt = int_field(doc.get("prompt_eval_count"))
         if prompt is not None:
             usage.merge_server(prompt, 0)
         else:

@@ -26,6 +26,7 @@ from proxy.usage.base import (
     SSEFramer,
     StreamUsage,
     Usage,
+    int_field,
     parse_json,
     sse_data,
     weaker_source,
@@ -121,10 +122,6 @@ def _prompt_text(doc: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def plan_openai_request(path: str, doc: Any) -> RequestPlan:
     """Read model, stream flag and prompt from a parsed JSON body; add include_usage if needed."""
     plan = RequestPlan()
@@ -140,17 +137,17 @@ def plan_openai_request(path: str, doc: Any) -> RequestPlan:
         plan.prompt_text = _prompt_text(doc)
     plan.messages = messages
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens", "max_new_tokens"):
-        value = _int(doc.get(key))
+        value = int_field(doc.get(key))
         if value is not None:
             plan.max_tokens = value
             break
     if path.endswith("/images/generations") or path.endswith("/images/edits"):
-        n = _int(doc.get("n"))
+        n = int_field(doc.get("n"))
         plan.images = n if n is not None and n > 0 else 1
         size = doc.get("size")
         if isinstance(size, str) and _SIZE.match(size):
             plan.extra["image_size"] = size
-        steps = _int(doc.get("num_inference_steps", doc.get("steps")))
+        steps = int_field(doc.get("num_inference_steps", doc.get("steps")))
         if steps is not None:
             plan.extra["steps"] = steps
     elif path.endswith("/rerank") or path.endswith("/score"):

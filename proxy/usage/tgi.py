@@ -17,15 +17,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.usage import openai
-from proxy.usage.base import ObservingStream, RequestPlan, StreamUsage, Usage, parse_json, sse_data
+from proxy.usage.base import (
+    ObservingStream,
+    RequestPlan,
+    StreamUsage,
+    Usage,
+    int_field,
+    parse_json,
+    sse_data,
+)
 
 STREAM_PATHS = frozenset(("/generate_stream",))
 _TOKEN = re.compile(rb'"token"\s*:\s*\{')
 _FINAL = re.compile(rb'"generated_text"\s*:\s*"|"details"\s*:\s*\{')
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def plan_request(path: str, doc: Any) -> RequestPlan:
@@ -39,7 +43,7 @@ def plan_request(path: str, doc: Any) -> RequestPlan:
     plan.prompt_text = inputs if isinstance(inputs, str) else ""
     params = doc.get("parameters")
     params = params if isinstance(params, dict) else {}
-    plan.max_tokens = _int(params.get("max_new_tokens"))
+    plan.max_tokens = int_field(params.get("max_new_tokens"))
     plan.stream = path in STREAM_PATHS or (path == "/" and doc.get("stream") is True)
     if isinstance(doc.get("model"), str):
         plan.model = doc["model"]
@@ -79,7 +83,7 @@ class TGIStream(ObservingStream):
         details = obj.get("details")
         if isinstance(details, dict):
             self._usage.merge_server(
-                _int(details.get("input_length")), _int(details.get("generated_tokens"))
+                int_field(details.get("input_length")), int_field(details.get("generated_tokens"))
             )
 
     def finish(self) -> Usage:
@@ -117,7 +121,7 @@ def usage_from_body(path: str, doc: Any) -> Usage:
     if isinstance(details, dict):
         prefill = details.get("prefill")
         prompt = len(prefill) if isinstance(prefill, list) and prefill else None
-        usage.merge_server(prompt, _int(details.get("generated_tokens")))
+        usage.merge_server(prompt, int_field(details.get("generated_tokens")))
     text = doc.get("generated_text")
     if usage.completion_tokens is None and isinstance(text, str):
         usage.generated_text = text
