@@ -173,6 +173,7 @@ class Accountant:
             del self._inflight[rec.upstream]
         series = m.series(rec.upstream, model, rec.task)
         series.requests(str(status)).inc()
+        m.outcome_for(rec.upstream, outcome).inc()
         series.duration.observe(rec.duration_s)
         if rec.ttfb_s is not None:
             series.ttfb.observe(rec.ttfb_s)

@@ -34,7 +34,7 @@ from proxy.budgets import Budgets
 from proxy.config import Config, UpstreamConfig
 from proxy.emissions import Emissions, RecentRecords
 from proxy.errors import ProxyError
-from proxy.forward import BudgetCheck, Forwarder, check_target, json_error
+from proxy.forward import BudgetCheck, Forwarder, check_framing, check_target, json_error
 from proxy.headers import request_id
 from proxy.identity import IdentityResolver, KeyStore
 from proxy.ledger.base import Ledger, open_ledger
@@ -125,8 +125,12 @@ async def refuse_foreign_targets(request: web.Request, handler: Handler) -> web.
     routing: this is a reverse proxy, never an open one."""
     try:
         check_target(request.method, request.raw_path, request.path)
+        check_framing(request.headers.get("Transfer-Encoding"))
     except ProxyError as err:
-        return json_error(err, request_id(request.headers.get("X-Request-Id")))
+        resp = json_error(err, request_id(request.headers.get("X-Request-Id")))
+        if request.body_exists:
+            resp.force_close()  # the unread body must never be taken for the next request
+        return resp
     return await handler(request)
 
 
@@ -295,7 +299,9 @@ def _session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.idle_s),
+        # no read timeout on the response head: forward times it by first_byte_s, then arms
+        # idle_s between body chunks
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=None),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         cookie_jar=aiohttp.DummyCookieJar(),

@@ -11,6 +11,7 @@
         ├── RequestTimeout       408  request_timeout
         ├── PayloadTooLarge      413  invalid_request_error
         ├── BudgetExceeded       429  carbon_budget_exceeded
+        ├── NotSupported         501  invalid_request_error
         ├── UpstreamUnavailable  502  upstream_error
         └── UpstreamTimeout      504  upstream_timeout
 
@@ -84,6 +85,13 @@ class PayloadTooLarge(ProxyError):
 class BudgetExceeded(ProxyError):
     status = 429
     type = "carbon_budget_exceeded"
+
+
+class NotSupported(ProxyError):
+    """A well-formed request using what the proxy does not implement (RFC 9110 15.6.2)."""
+
+    status = 501
+    type = "invalid_request_error"
 
 
 class UpstreamUnavailable(ProxyError):

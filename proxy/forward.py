@@ -7,6 +7,7 @@ aiohttp client errors are translated to ``proxy.errors`` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from proxy.config import Config, UpstreamConfig
 from proxy.errors import (
     BadRequest,
     NotFound,
+    NotSupported,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
@@ -48,6 +50,8 @@ from proxy.usage.base import (
 log = logging.getLogger("wattproxy.forward")
 
 BODY_METHODS = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+#: Outcomes of an answer the upstream broke off after its head was relayed.
+BROKEN_OFF = frozenset(("upstream_timeout", "upstream_reset"))
 #: Request headers not sent upstream when clients authenticate to the proxy with its own keys.
 REQUEST_DROP_WITH_KEYS = REQUEST_DROP | {"authorization", "x-api-key"}
 
@@ -71,6 +75,11 @@ def check_target(method: str, raw_path: str, path: str) -> None:
     """Refuse what would make this an open proxy or escape the upstream's path space."""
     if method == "CONNECT":
         raise BadRequest("CONNECT is not supported: this is a reverse proxy")
+    if raw_path == "*":
+        raise NotSupported(
+            "OPTIONS * (a request about the server as a whole) is not supported: "
+            "send OPTIONS to a path"
+        )
     if not raw_path.startswith("/") or raw_path.startswith("//"):
         raise BadRequest("absolute-form request targets are not accepted")
     raw = raw_path.split("?", 1)[0].lower()
@@ -79,6 +88,16 @@ def check_target(method: str, raw_path: str, path: str) -> None:
     segments = path.split("/")
     if ".." in segments or "." in segments or "%2e" in raw:
         raise BadRequest("path traversal is not accepted")
+
+
+def check_framing(transfer_encoding: str | None) -> None:
+    """Only ``chunked`` framing is understood: a body also gzip- or br-coded in transit would be
+    forwarded as if it were not (RFC 9112 6.1: answer 501 to a coding not understood)."""
+    if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
+        raise NotSupported(
+            "Transfer-Encoding other than 'chunked' is not supported "
+            "(send the body chunked, or with Content-Length and a Content-Encoding)"
+        )
 
 
 def parser_failed(what: str, err: Exception) -> None:
@@ -151,6 +170,17 @@ async def counted_body(
     """The request body as it arrives, refused once it passes ``limit`` or ``timeout_s``."""
     async for chunk in _body_chunks(request, limit, timeout_s):
         yield chunk
+
+
+async def armed_when_sent(
+    body: AsyncIterator[bytes], timer: asyncio.Timeout, first_byte_s: float
+) -> AsyncIterator[bytes]:
+    """The body unchanged; once it is all sent, ``timer`` gives the upstream ``first_byte_s``."""
+    async for chunk in body:
+        yield chunk
+    if not timer.expired():
+        with contextlib.suppress(RuntimeError):  # the answer came first: the timer is gone
+            timer.reschedule(asyncio.get_running_loop().time() + first_byte_s)
 
 
 async def observed(body: AsyncIterator[bytes], probe: UploadProbe) -> AsyncIterator[bytes]:
@@ -343,6 +373,10 @@ class Forwarder:
             status = resp.status
             out, relay = await self._start_response(request, resp, rid, task, upstream, plan)
             outcome = await self._relay(resp, out, req, relay)
+            if outcome in BROKEN_OFF:
+                self._abort(request, upstream, outcome)
+            elif outcome == "ok" and status >= 500:
+                outcome = "upstream_error"
             return out
         except ConnectionResetError:
             # the client left before the response headers went out; aiohttp drops this quietly
@@ -371,9 +405,18 @@ class Forwarder:
             raise UpstreamUnavailable(f"upstream {upstream.name!r} is no longer configured")
         url = upstream.url + request.raw_path
         headers = self._upstream_headers(request, upstream, rid)
+        first_byte_s = upstream.timeouts.first_byte_s
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(upstream.timeouts.first_byte_s):
-                return await session.request(
+            async with asyncio.timeout(None) as timer:
+                if isinstance(data, AsyncIterator):
+                    # the upstream cannot answer a body it has not got: its clock starts once
+                    # the body is through (the client's own pace is read_timeout_s's business)
+                    timer.reschedule(loop.time() + self.cfg.listen.read_timeout_s + first_byte_s)
+                    data = armed_when_sent(data, timer, first_byte_s)
+                else:
+                    timer.reschedule(loop.time() + first_byte_s)
+                resp = await session.request(
                     request.method,
                     url,
                     headers=headers,
@@ -388,7 +431,7 @@ class Forwarder:
         except TimeoutError:
             raise UpstreamTimeout(
                 f"upstream {upstream.name!r} did not answer within "
-                f"{upstream.timeouts.first_byte_s:g} s"
+                f"{first_byte_s:g} s (timeouts.first_byte_s)"
             ) from None
         except (PayloadTooLarge, RequestTimeout):
             raise
@@ -406,6 +449,13 @@ class Forwarder:
             raise UpstreamUnavailable(
                 f"upstream {upstream.name!r} failed: {type(e).__name__}"
             ) from None
+        # from here on the upstream's silence is timed between body chunks: aiohttp's read
+        # timer, re-armed by every chunk that arrives (the session sets none for the head)
+        proto = resp.connection.protocol if resp.connection is not None else None
+        if proto is not None:
+            proto.read_timeout = upstream.timeouts.idle_s
+            proto.start_timeout()
+        return resp
 
     async def _start_response(
         self,
@@ -457,10 +507,8 @@ class Forwarder:
             try:
                 chunk = await resp.content.readany()
             except TimeoutError:
-                await self._end_cleanly(out)
                 return "upstream_timeout"
             except (aiohttp.ClientError, OSError):
-                await self._end_cleanly(out)
                 return "upstream_reset"
             if not chunk:
                 break
@@ -503,11 +551,19 @@ class Forwarder:
         return "ok"
 
     @staticmethod
-    async def _end_cleanly(out: web.StreamResponse) -> None:
-        try:
-            await out.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            pass
+    def _abort(request: web.Request, upstream: UpstreamConfig, outcome: str) -> None:
+        """The upstream broke off mid-answer: so does the client's connection (as nginx and
+        Envoy do), never a clean end that would pass a truncated answer off as whole."""
+        why = (
+            f"sent nothing for {upstream.timeouts.idle_s:g} s (timeouts.idle_s)"
+            if outcome == "upstream_timeout"
+            else "broke the connection"
+        )
+        log.warning(
+            "upstream %r %s mid-answer; the client's connection is aborted", upstream.name, why
+        )
+        if request.transport is not None:
+            request.transport.abort()
 
     def _usage(
         self,

@@ -212,6 +212,13 @@ class Metrics:
             ("backend",),
             registry=r,
         )
+        self.outcomes = Counter(
+            "wattproxy_request_outcomes",
+            "Requests by how they ended: ok, upstream_error (a 5xx answer), upstream_reset, "
+            "upstream_timeout, upstream_unavailable, client_disconnect, client_timeout...",
+            ("upstream", "outcome"),
+            registry=r,
+        )
         self.budget_rejections = Counter(
             "wattproxy_budget_rejections",
             "Requests refused for an exhausted carbon budget.",
@@ -230,12 +237,20 @@ class Metrics:
         self._inflight: dict[str, Gauge] = {}
         self._series: dict[tuple[str, str, str], RequestSeries] = {}
         self._energy: dict[tuple[str, ...], tuple[Counter, Counter]] = {}
+        self._outcomes: dict[tuple[str, str], Counter] = {}
 
     def energy_labels(
         self, upstream: str, model: str | None, task: str, source: str, user: str
     ) -> tuple[str, ...]:
         base = (upstream, self.model_label(model), task, source)
         return (*base, self.user_label(user)) if self.per_user_labels else base
+
+    def outcome_for(self, upstream: str, outcome: str) -> Counter:
+        key = (upstream, outcome)
+        child = self._outcomes.get(key)
+        if child is None:
+            child = self._outcomes[key] = self.outcomes.labels(upstream, outcome)
+        return child
 
     def inflight_for(self, upstream: str) -> Gauge:
         """``wattproxy_inflight_requests`` of ``upstream``."""

@@ -24,6 +24,7 @@ from proxy.app import PARTS, apply_config, create_app, handler_args
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.metrics import metrics_handler
+from proxy.protocol import ProxyRunner
 
 log = logging.getLogger("wattproxy")
 
@@ -66,7 +67,7 @@ class Service:
         cfg = self.cfg
         # handler_cancellation: a request whose client went away stops, and so does its
         # upstream request (what aiohttp's test server does too)
-        runner = web.AppRunner(
+        runner = ProxyRunner(
             self.app,
             access_log=None,
             handle_signals=False,
@@ -85,7 +86,7 @@ class Service:
                 return await metrics_handler(request, parts.metrics)
 
             mapp.router.add_get("/metrics", metrics)
-            self._metrics_runner = web.AppRunner(mapp, access_log=None, handle_signals=False)
+            self._metrics_runner = ProxyRunner(mapp, access_log=None, handle_signals=False)
             await self._metrics_runner.setup()
             host = cfg.listen.metrics_host or cfg.listen.host
             await web.TCPSite(self._metrics_runner, host, cfg.listen.metrics_port).start()

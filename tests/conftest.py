@@ -3,7 +3,7 @@ loopback sockets."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from estimators.meters.base import Meter
 from proxy.app import PARTS, Parts, create_app
 from proxy.config import Config, parse_config
 from proxy.ledger.base import Ledger
+from proxy.protocol import ProxyRunner
 from proxy.standin import StandIn
 
 
@@ -54,9 +55,18 @@ def url_of(server: TestServer) -> str:
 ProxyFactory = Callable[..., Awaitable[tuple[TestServer, Parts]]]
 
 
+class ProxyTestServer(TestServer):
+    """aiohttp's test server with the runner ``wattproxy serve`` uses (JSON parse errors)."""
+
+    async def _make_runner(self, **kwargs: Any) -> ProxyRunner:
+        assert self.app is not None
+        return ProxyRunner(self.app, **kwargs)
+
+
 @pytest.fixture
-def make_proxy(aiohttp_server: Any) -> ProxyFactory:
+async def make_proxy() -> AsyncIterator[ProxyFactory]:
     """``await make_proxy(cfg, meter=..., ledger=...)`` -> (server, parts), on a real port."""
+    servers: list[TestServer] = []
 
     async def make(
         cfg: Config, meter: Meter | None = None, ledger: Ledger | None = None
@@ -64,7 +74,11 @@ def make_proxy(aiohttp_server: Any) -> ProxyFactory:
         app: web.Application = create_app(
             cfg, meter=meter, ledger=ledger, registry=CollectorRegistry()
         )
-        server: TestServer = await aiohttp_server(app)
+        server = ProxyTestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
         return server, app[PARTS]
 
-    return make
+    yield make
+    for server in reversed(servers):
+        await server.close()

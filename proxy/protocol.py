@@ -1,0 +1,70 @@
+"""aiohttp's server protocol, answering what its HTTP parser refuses in the proxy's own shape.
+
+aiohttp answers a malformed request head itself, before any handler or middleware runs: plain
+text, no ``X-Request-Id``, and a message that quotes the offending bytes back (a header may hold
+a key). ``ProxyRunner`` serves the app with a protocol whose error answer is the JSON error
+every other refusal gets, with a fresh request id and a reason that quotes nothing.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from proxy.errors import BadRequest, ProxyError
+from proxy.forward import json_error
+from proxy.headers import request_id
+
+#: The longest reason taken from a parser message (llhttp's reasons are short phrases).
+MAX_REASON_CHARS = 80
+
+
+class InternalError(ProxyError):
+    status = 500
+    type = "internal_error"
+
+
+def refusal(status: int, exc: BaseException | None) -> ProxyError:
+    """The error a client gets for what aiohttp refused, named without quoting its bytes."""
+    if status >= 500 or not isinstance(exc, HttpProcessingError):
+        return InternalError("the proxy failed to handle the request")
+    if isinstance(exc, LineTooLong):
+        return BadRequest("malformed request: a request line or header field is too long")
+    # llhttp's messages are "Reason:\n\n  b'<the offending line>'\n  ^": keep the reason
+    reason = exc.message.split(":\n", 1)[0].strip() if exc.message else ""
+    if not reason or len(reason) > MAX_REASON_CHARS or "b'" in reason or 'b"' in reason:
+        reason = type(exc).__name__
+    return BadRequest(f"malformed request: {reason}")
+
+
+class JsonErrorRequestHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own: logs (one line, see app.PeerErrorLog) and refuses once bytes are out
+        super().handle_error(request, status, exc, message)
+        resp = json_error(refusal(status, exc), request_id(None))
+        resp.force_close()
+        return resp
+
+
+class JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer parse errors as JSON (see the module doc)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # the application builds a plain Server; its subclass only overrides the protocol
+        # factory, adding no state, so the instance is re-classed rather than rebuilt
+        server.__class__ = JsonErrorServer
+        return server
