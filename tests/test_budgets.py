@@ -222,9 +222,35 @@ async def test_a_refresh_replaces_local_grams_with_the_ledgers(ledger: Counting)
     rec = record("k1", user="carol", co2e_g=0.4)
     b.observe(rec)
     await ledger.write([rec])
+    b.written([rec])  # the ledger writer says so
     clock[0] = NOON + timedelta(seconds=11)
     assert await b.used_g("user", "carol", "day") == pytest.approx(0.4)  # not 0.8
     assert ledger.reads == 2
+
+
+async def test_a_refresh_keeps_final_records_the_ledger_has_not_stored_yet(
+    ledger: Counting,
+) -> None:
+    """The writer stores records in batches: one final here but not written yet is in neither
+    the ledger's figure nor (if a refresh dropped it) the local one."""
+    clock = [NOON]
+    b = Budgets(
+        BudgetsConfig.model_validate({"cache_s": 10, "users": {"carol": {"grams_per_day": 1}}}),
+        ledger,
+        clock=lambda: clock[0],
+    )
+    await b.check(CAROL)
+    early, late = record("k1", user="carol", co2e_g=0.4), record("k2", user="carol", co2e_g=0.3)
+    b.observe(early)
+    b.observe(late)
+    await ledger.write([early])
+    b.written([early])
+    clock[0] = NOON + timedelta(seconds=11)
+    assert await b.used_g("user", "carol", "day") == pytest.approx(0.7)
+    await ledger.write([late])
+    b.written([late])
+    clock[0] = NOON + timedelta(seconds=22)
+    assert await b.used_g("user", "carol", "day") == pytest.approx(0.7)
 
 
 async def test_budgets_fail_open_when_the_ledger_is_down(ledger: Counting) -> None:
