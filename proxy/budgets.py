@@ -261,7 +261,8 @@ class Budgets:
             await self._entry(lim.scope, lim.key, p, now)
             for lim, p in zip(limits, periods, strict=True)
         ]
-        # from here to the hold, no await: this process's checks see each other's holds
+        # from here to the local hold no await but the shared ledger's, which decides for all
+        # processes: this process's checks always see each other's holds
         worst: BudgetExceeded | None = None
         for limit, period, entry in zip(limits, periods, entries, strict=True):
             reserved_g = self.holds.reserved_g((limit.scope, limit.key))
