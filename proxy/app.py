@@ -198,15 +198,18 @@ def build_parts(
     ledger = (
         ledger if ledger is not None else open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
     )
+    carbon = _carbon_clock(cfg, metrics, env)
+    # one for the process's life: a reload reconfigures it, holds of requests in flight stay
+    budgets = Budgets(cfg.budgets, ledger, estimator=estimator, g_per_j=carbon.g_per_j)
     writer = LedgerWriter(
         ledger,
         metrics,
         cfg.ledger.batch_size,
         cfg.ledger.flush_interval_ms / 1000.0,
         spool=Spool(cfg.ledger.spool_path, cfg.ledger.spool_max_bytes),
+        on_written=budgets.written,
     )
     recent = RecentRecords()
-    budgets = Budgets(cfg.budgets, ledger)
 
     access_log = logging.getLogger(ACCESS_LOGGER)
     current: list[Parts] = []  # set below; read on each record, as a reload swaps parts
@@ -217,7 +220,7 @@ def build_parts(
         live = current[0]
         if live.cfg.log.access_log:
             access_log.info("%s", json.dumps(record.to_dict(), separators=(",", ":")))
-        if live.budgets is not None and live.budgets.enabled:
+        if live.budgets is not None:  # releases its hold; next to nothing when disabled
             live.budgets.observe(record)
 
     holder: dict[str, Accountant] = {}
@@ -226,7 +229,6 @@ def build_parts(
         if meter is not None
         else build_meter(cfg.meter, load=lambda: holder["a"].load() if "a" in holder else {})
     )
-    carbon = _carbon_clock(cfg, metrics, env)
     accountant = Accountant(
         engine,
         estimator,
@@ -420,8 +422,6 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
     counters = await _load_counters(counters)
     model_tasks = await asyncio.to_thread(_model_tasks, cfg)
     budgets = parts.budgets
-    if budgets is None or cfg.budgets != old.budgets:
-        budgets = Budgets(cfg.budgets, parts.ledger)
     # -- the swap: no await from here on --------------------------------------------------
     parts.retired_sessions.extend(s for n, s in parts.sessions.items() if sessions.get(n) is not s)
     parts.cfg = cfg
@@ -433,7 +433,8 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
     parts.model_tasks.update(model_tasks)
     parts.identity.keys = keys
     parts.identity.allow_header_identity = cfg.identity.allow_header_identity
-    parts.budgets = budgets
+    if budgets is not None:
+        budgets.reconfigure(cfg.budgets)
     app[FORWARDER].reconfigure(
         cfg, parts.router, sessions, _budget_check(budgets), _upstream_keys(cfg)
     )

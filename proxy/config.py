@@ -171,6 +171,8 @@ class BudgetsConfig(_Model):
     teams: dict[str, Budget] = Field(default_factory=dict)
     default: Budget | None = None
     cache_s: float = Field(2.0, ge=0)
+    #: seconds an admitted request's reservation lasts at most (a crashed replica's expires)
+    reservation_ttl_s: float = Field(600.0, gt=0)
 
 
 class LimitsConfig(_Model):

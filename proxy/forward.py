@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from estimators.estimator import RequestShape
 from proxy.accounting import Accountant, OpenRequest
 from proxy.config import Config, UpstreamConfig
 from proxy.errors import (
@@ -56,8 +57,9 @@ BROKEN_OFF = frozenset(("upstream_timeout", "upstream_reset"))
 REQUEST_DROP_WITH_KEYS = REQUEST_DROP | {"authorization", "x-api-key"}
 
 
-#: Budget check: raises ``BudgetExceeded`` for an identity over its budget.
-BudgetCheck = Callable[[Identity], Awaitable[None]]
+#: Budget check: raises ``BudgetExceeded`` for an identity over its budget, else reserves the
+#: request's expected grams (by request id, from its shape) until its record is final.
+BudgetCheck = Callable[[Identity, str, RequestShape], Awaitable[None]]
 
 
 def json_error(err: ProxyError, rid: str | None = None, task: str | None = None) -> web.Response:
@@ -255,7 +257,15 @@ class Forwarder:
                 method=request.method,
             )
             if self.budget_check is not None and task != OTHER:
-                await self.budget_check(who)
+                shape = RequestShape(
+                    upstream.name,
+                    plan.model,
+                    task,
+                    prompt_tokens=self._prompt_estimate(plan, data),
+                    completion_tokens=plan.max_tokens,
+                    images=plan.images,
+                )
+                await self.budget_check(who, rid, shape)
             return await self._forward(request, rid, who, upstream, task, plan, data)
         except ProxyError as err:
             if err.status == 429:

@@ -14,9 +14,10 @@ import redis
 from redis.crc import key_slot
 
 from proxy.errors import LedgerError
-from proxy.ledger.base import open_ledger
+from proxy.ledger.base import PeriodLimit, open_ledger
 from proxy.ledger.redis import MIN_AGGREGATE_RETENTION_DAYS, S_PER_DAY, RedisLedger
 from tests.helpers.ledger_data import (
+    DAYS,
     check_exactly_once,
     check_get,
     check_totals_equal_records,
@@ -91,6 +92,9 @@ async def test_concurrent_replicas_writing_the_same_batch_count_it_once(prefix: 
 
 async def test_one_users_keys_share_one_cluster_slot(ledger: RedisLedger, prefix: str) -> None:
     odd = "we{ird}:user"
+    day_budget = [PeriodLimit("day", 1.0, 0.0)]
+    for scope, key in (("user", odd), ("team", "research")):  # a request in flight: held
+        assert await ledger.reserve(scope, key, "s9", 0.1, day_budget, "2026-11-29", 60) is None
     await ledger.write(
         [
             record("s1", user=odd, day="2026-11-28"),
@@ -102,13 +106,17 @@ async def test_one_users_keys_share_one_cluster_slot(ledger: RedisLedger, prefix
     try:
         keys = sorted(client.scan_iter(match=f"{prefix}:*"))
         user_keys = [k for k in keys if "we%7Bird%7D%3Auser" in k]
-        # two day hashes, the day index and two seen markers
-        assert len(user_keys) == 5
+        # two day hashes, the day index, two seen markers, the month's grams, the holds
+        assert len(user_keys) == 8
         assert len({key_slot(k.encode()) for k in user_keys}) == 1
         other = [k for k in keys if ":{u:we}:" in k]
-        assert len(other) == 3
+        assert len(other) == 4
         assert not set(other) & set(user_keys)
         assert all("{ird}" not in k for k in keys)
+        # the team's: its users, three seen markers, the month's grams, the holds
+        team_keys = [k for k in keys if ":{t:research}:" in k]
+        assert len(team_keys) == 7
+        assert len({key_slot(k.encode()) for k in team_keys}) == 1
     finally:
         client.close()
 
@@ -177,3 +185,35 @@ async def test_a_server_that_is_not_there_raises_ledger_error() -> None:
 
 async def test_ping_answers_when_up(ledger: RedisLedger) -> None:
     assert await ledger.ping() is True
+
+
+async def test_budget_counters_equal_the_records_and_count_retries_once(
+    ledger: RedisLedger,
+) -> None:
+    """What ``reserve`` counts as used is what the records say, per user and per team, per day
+    and per month, however often a batch is retried."""
+    records = random_records(80, seed=5)
+    assert await ledger.write(records) == len(records)
+    assert await ledger.write(records) == 0
+
+    async def used(scope: str, key: str, period: str, day: str, known_g: float = 0.0) -> float:
+        # a budget of 0 g refuses every request and says what it counted
+        refusal = await ledger.reserve(
+            scope, key, "probe", 1.0, [PeriodLimit(period, 0.0, known_g)], day, 60
+        )
+        assert refusal is not None and refusal.reserved_g == 0.0
+        return refusal.used_g
+
+    for scope in ("user", "team"):
+        owners = {r.user if scope == "user" else r.team for r in records} - {None}
+        for owner in owners:
+            mine = [r for r in records if (r.user if scope == "user" else r.team) == owner]
+            for day in DAYS:
+                want = sum(r.co2e_g for r in mine if r.day == day)
+                assert await used(scope, str(owner), "day", day) == pytest.approx(want, rel=1e-9)
+            month = sum(r.co2e_g for r in mine)
+            assert await used(scope, str(owner), "month", DAYS[-1]) == pytest.approx(
+                month, rel=1e-9
+            )
+    # grams the caller read from the aggregates count when the counters know less (an upgrade)
+    assert await used("user", "alice", "day", "2026-12-01", known_g=7.5) == 7.5

@@ -332,3 +332,31 @@ def test_submit_never_touches_the_disk(tmp_path: Path) -> None:
     assert writer.backlog == 100
     assert not spool.path.exists()
     assert not (tmp_path / "never.db").exists()
+
+
+async def test_the_writer_tells_what_the_ledger_stored_once_it_is_stored(
+    flaky: Flaky, tmp_path: Path
+) -> None:
+    """Budgets count a final record locally until the ledger has it: the writer says when,
+    for batches written at once and for spooled ones once replayed, never before."""
+    told: list[str] = []
+    spool = Spool(tmp_path / "spool.jsonl", 1 << 20)
+    writer, _ = writer_for(
+        flaky, spool, on_written=lambda records: told.extend(r.request_id for r in records)
+    )
+    first = random_records(20, seed=21, prefix="a")
+    for r in first:
+        writer.submit(r)
+    assert await writer.flush() is True
+    assert told == [r.request_id for r in first]
+
+    told.clear()
+    flaky.reply_lost = True  # applied, but the writer cannot know: not told
+    later = random_records(5, seed=22, prefix="b")
+    for r in later:
+        writer.submit(r)
+    assert await writer.flush() is False
+    assert told == []
+    flaky.reply_lost = False
+    assert await writer.flush() is True  # replayed from the spool
+    assert told == [r.request_id for r in later]

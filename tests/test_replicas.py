@@ -19,7 +19,9 @@ from proxy.app import Parts
 from proxy.config import Config
 from proxy.ledger.redis import RedisLedger
 from proxy.records import RequestRecord
+from proxy.standin import StandIn
 from tests.conftest import ProxyFactory, proxy_config, url_of
+from tests.helpers.budget_burst import Gate, budget_config, burst, gated_app, request_g
 from tests.helpers.ledger_data import assert_same
 from tests.helpers.proxy_load import chat, settle
 from tests.helpers.redis_server import (
@@ -185,3 +187,39 @@ async def test_redis_stopped_under_load_loses_nothing_and_doubles_nothing(
         # replaying everything once more changes nothing
         assert await ledger.write(records) == 0
         assert_same(await ledger.aggregates("2000-01-01", "2100-01-01"), records)
+
+
+async def test_two_replicas_admitting_at_once_cannot_overshoot_a_budget(
+    make_proxy: ProxyFactory,
+    aiohttp_server: Any,
+    standin: StandIn,
+    tmp_path: Path,
+    shared_prefix: str,
+) -> None:
+    """Each replica's reservation goes through Redis atomically: together they admit no more
+    than one request past carol's budget, however the burst is split between them."""
+    gate = Gate()
+    upstream = await aiohttp_server(gated_app(standin, gate))
+    e_g = request_g()
+    budget_g = 4.5 * e_g
+    url = shared_redis_url(shared_prefix)
+    replicas = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        replicas.append(await make_proxy(budget_config(url_of(upstream), folder, budget_g, url)))
+
+    statuses = await burst([url_of(server) for server, _ in replicas], 50, gate)
+    for _, parts in replicas:
+        await settle(parts)
+
+    admitted = statuses.count(200)
+    assert admitted + statuses.count(429) == 50
+    assert admitted == gate.arrived == 5  # 4 held < 4.5 admits the fifth
+    rows = await replicas[0][1].ledger.aggregates("2000-01-01", "2100-01-01", user="carol")
+    admitted_g = sum(r.co2e_g for r in rows)
+    assert admitted_g == pytest.approx(admitted * e_g)
+    assert admitted_g <= budget_g + e_g
+    for _, parts in replicas:
+        assert parts.budgets is not None
+        assert parts.budgets.reserved_g("user", "carol") == 0.0

@@ -13,6 +13,25 @@ from proxy.records import RequestRecord
 
 
 @dataclass(frozen=True, slots=True)
+class PeriodLimit:
+    """One budget of a user or team, checked inside the ledger (``Ledger.reserve``)."""
+
+    period: str  # "day" or "month"
+    budget_g: float
+    known_g: float  # grams the caller knows were used (its cached read): a floor for the ledger's
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A reservation refused: which limit (index into the limits passed), and the grams the
+    ledger counts against it, used and reserved by requests in flight."""
+
+    index: int
+    used_g: float
+    reserved_g: float
+
+
+@dataclass(frozen=True, slots=True)
 class AggregateRow:
     """One day's totals for one (user, team, task, model, upstream)."""
 
@@ -32,6 +51,9 @@ class AggregateRow:
 
 class Ledger(abc.ABC):
     backend: str = "abstract"
+    #: ``reserve`` checks and reserves atomically for every process sharing this ledger
+    #: (budgets then hold admitted requests' grams there, not only in their own process)
+    shared_reservations: bool = False
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect and create the schema."""
@@ -68,6 +90,26 @@ class Ledger(abc.ABC):
             team=key if scope == "team" else None,
         )
         return sum(r.co2e_g for r in rows)
+
+    async def reserve(
+        self,
+        scope: str,
+        key: str,
+        request_id: str,
+        grams: float,
+        limits: Sequence[PeriodLimit],
+        day: str,
+        ttl_s: float,
+    ) -> Refusal | None:
+        """Atomically: refuse when a limit's used plus reserved grams reach its budget, else
+        reserve ``grams`` for ``request_id`` until its record is written (``write`` releases it)
+        or ``ttl_s`` has passed. ``day`` is today (UTC, ISO). Only where
+        ``shared_reservations`` is true. Raises ``LedgerError`` when the backend fails."""
+        raise NotImplementedError(f"the {self.backend} ledger keeps no reservations")
+
+    async def release(self, scope: str, key: str, request_id: str) -> None:
+        """Drop the reservation of a request that will write no record."""
+        raise NotImplementedError(f"the {self.backend} ledger keeps no reservations")
 
     async def ping(self) -> bool:
         return True

@@ -6,15 +6,27 @@ Keys are laid out for Redis Cluster: everything one user's write touches shares 
     <prefix>:{u:<user>}:day:<YYYY-MM-DD>   hash   "<metric>|<group>" -> running total
     <prefix>:{u:<user>}:days               zset   day -> YYYYMMDD (the user's days with data)
     <prefix>:{u:<user>}:seen:<request id>  string set once per request id (exactly-once marker)
+    <prefix>:{u:<user>}:spent:<YYYY-MM>    hash   day -> grams CO2e (budgets)
+    <prefix>:{u:<user>}:held               hash   request id -> grams reserved; "=total" (budgets)
+    <prefix>:{u:<user>}:held:exp           zset   request id -> when its reservation expires (ms)
     <prefix>:rec:<request id>              string the record as JSON, expires with retention
     <prefix>:users                         set    every user with data
     <prefix>:{t:<team>}:users              set    the users who sent requests for the team
+    <prefix>:{t:<team>}:seen:<request id>  string the team's exactly-once marker (budgets)
+    <prefix>:{t:<team>}:spent:<YYYY-MM>    hash   as the user's, for the team
+    <prefix>:{t:<team>}:held, held:exp            as the user's, for the team
 
 ``<group>`` is the JSON list ``[task, model, upstream, team]``; ``<metric>`` is one of
 ``METRICS``. User, team and request id are percent-encoded in key names, so braces and colons in
 them can neither move a key to another slot nor make two keys collide. The record (``SET NX``:
 the first writer of a request id wins, as in SQLite), user and team keys are idempotent writes;
-only the script counts, and it counts a request id once per user.
+only the scripts count, and each counts a request id once per user and once per team.
+
+Budgets: ``reserve`` checks a user's (or a team's) grams spent plus those held by admitted
+requests in flight against its budgets and holds the new request's grams, in one script on
+that user's (team's) slot, so replicas cannot admit past a budget together. The script that
+writes a record releases its holds and adds its grams to ``spent`` in the same step: a request
+is always counted once, held or spent. A hold whose replica died expires after its TTL.
 
 A ``key_prefix`` query parameter (``redis://host:6379/0?key_prefix=wp-staging``) lets several
 deployments share one Redis. redis-py errors become ``LedgerError`` here and nowhere else.
@@ -37,7 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from proxy.errors import LedgerError
-from proxy.ledger.base import AggregateRow, Ledger
+from proxy.ledger.base import AggregateRow, Ledger, PeriodLimit, Refusal
 from proxy.records import RequestRecord, dumps_doc
 
 DEFAULT_KEY_PREFIX = "wp"
@@ -52,6 +64,11 @@ RETRIES = 2  # retries of one command on connection errors (the writer retries f
 #: Daily aggregates outlive records (reports and monthly budgets read them), at least this long.
 MIN_AGGREGATE_RETENTION_DAYS = 400
 S_PER_DAY = 86_400
+#: Budgets' per-month counters (and the team's exactly-once markers) outlive their month by this
+#: much: a monthly budget reads the current month only.
+SPENT_TTL_S = 62 * S_PER_DAY
+#: The field of a ``held`` hash with the sum of its holds (request ids are encoded: no "=").
+HELD_TOTAL = "=total"
 
 #: Hash field prefixes, in AggregateRow order.
 METRICS = (
@@ -64,11 +81,32 @@ METRICS = (
 )
 _INT_METRICS = frozenset(("requests", "prompt_tokens", "completion_tokens"))
 
-#: KEYS: seen marker, day hash, days zset.
+#: Lua: drop one request's hold (KEYS held hash and its expiry zset); the keys go with the last.
+_RELEASE = """
+local function release(held, exp, rid)
+  local g = redis.call('HGET', held, rid)
+  if not g then
+    return
+  end
+  redis.call('HDEL', held, rid)
+  redis.call('ZREM', exp, rid)
+  if redis.call('HLEN', held) <= 1 then
+    redis.call('DEL', held, exp)
+  else
+    redis.call('HINCRBYFLOAT', held, '=total', -tonumber(g))
+  end
+end
+"""
+
+#: KEYS: seen marker, day hash, days zset, spent hash of the day's month, held hash, held expiries.
 #: ARGV: seen ttl s, aggregate ttl s, day, day score, oldest kept score, group, then the figures
-#: energy_j, co2e_g, prompt_tokens, completion_tokens, measured_energy_j.
+#: energy_j, co2e_g, prompt_tokens, completion_tokens, measured_energy_j; request id field,
+#: spent ttl s.
 #: Returns 1 when the request id was new (and counted), 0 when it was already counted.
-RECORD_SCRIPT = """
+RECORD_SCRIPT = (
+    _RELEASE
+    + """
+release(KEYS[5], KEYS[6], ARGV[12])
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
   return 0
 end
@@ -83,8 +121,82 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('HINCRBYFLOAT', KEYS[4], ARGV[3], ARGV[8])
+redis.call('EXPIRE', KEYS[4], ARGV[13])
 return 1
 """
+)
+
+#: The team's side of a record (another slot): KEYS: the team's seen marker, spent hash of the
+#: day's month, held hash, held expiries. ARGV: seen ttl s, spent ttl s, day, co2e_g, request id
+#: field. Returns 1 when counted, 0 when already counted.
+TEAM_RECORD_SCRIPT = (
+    _RELEASE
+    + """
+release(KEYS[3], KEYS[4], ARGV[5])
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
+  return 0
+end
+redis.call('HINCRBYFLOAT', KEYS[2], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+)
+
+#: Check and hold, for one user or team. KEYS: spent hash of this month, held hash, held
+#: expiries. ARGV: request id field, grams, ttl ms, today, then per limit: "day" or "month",
+#: budget g, known g (a floor: the caller's read of the aggregates). Expired holds are dropped
+#: first. Returns {0, used, held} when the grams were held, else {n, used, held} for the first
+#: limit n (from 1) whose used plus held grams reach its budget; nothing is held then.
+RESERVE_SCRIPT = (
+    _RELEASE
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  release(KEYS[2], KEYS[3], rid)
+end
+local held = tonumber(redis.call('HGET', KEYS[2], '=total') or '0')
+local day_g = tonumber(redis.call('HGET', KEYS[1], ARGV[4]) or '0')
+local month_g = nil
+local used = 0
+for i = 5, #ARGV, 3 do
+  used = day_g
+  if ARGV[i] == 'month' then
+    if month_g == nil then
+      month_g = 0
+      for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+        month_g = month_g + tonumber(v)
+      end
+    end
+    used = month_g
+  end
+  used = math.max(used, tonumber(ARGV[i + 2]))
+  if used + held >= tonumber(ARGV[i + 1]) then
+    return {(i - 2) / 3, tostring(used), tostring(held)}
+  end
+end
+local ttl = tonumber(ARGV[3])
+redis.call('HINCRBYFLOAT', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HINCRBYFLOAT', KEYS[2], '=total', ARGV[2])
+redis.call('ZADD', KEYS[3], now + ttl, ARGV[1])
+for k = 2, 3 do
+  if redis.call('PTTL', KEYS[k]) < ttl then
+    redis.call('PEXPIRE', KEYS[k], ttl)
+  end
+end
+return {0, tostring(used), tostring(held)}
+"""
+)
+
+#: KEYS: held hash, held expiries. ARGV: request id field.
+RELEASE_SCRIPT = (
+    _RELEASE
+    + """
+release(KEYS[1], KEYS[2], ARGV[1])
+return 1
+"""
+)
 
 
 def _enc(value: str) -> str:
@@ -122,6 +234,7 @@ def _translated(what: str) -> Iterator[None]:
 
 class RedisLedger(Ledger):
     backend = "redis"
+    shared_reservations = True
 
     def __init__(
         self,
@@ -134,6 +247,9 @@ class RedisLedger(Ledger):
         self.key_prefix = key_prefix
         self._client: aioredis.Redis | None = None
         self._script: Any = None
+        self._team_script: Any = None
+        self._reserve_script: Any = None
+        self._release_script: Any = None
 
     @classmethod
     def from_url(cls, url: str, retention_days: int = 90) -> RedisLedger:
@@ -162,7 +278,18 @@ class RedisLedger(Ledger):
         return f"{self.key_prefix}:users"
 
     def _team_key(self, team: str) -> str:
-        return f"{self.key_prefix}:{{t:{_enc(team)}}}:users"
+        return self._scope_key("team", team, "users")
+
+    def _scope_key(self, scope: str, key: str, suffix: str) -> str:
+        """A key in the slot of a user (``scope`` "user") or of a team."""
+        tag = "u" if scope == "user" else "t"
+        return f"{self.key_prefix}:{{{tag}:{_enc(key)}}}:{suffix}"
+
+    def _spent_key(self, scope: str, key: str, day: str) -> str:
+        return self._scope_key(scope, key, f"spent:{day[:7]}")
+
+    def _held_keys(self, scope: str, key: str) -> list[str]:
+        return [self._scope_key(scope, key, "held"), self._scope_key(scope, key, "held:exp")]
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -184,6 +311,9 @@ class RedisLedger(Ledger):
             except (ValueError, RedisError) as e:
                 raise LedgerError(f"ledger.url: cannot use {self.url!r}: {e}") from e
             self._script = client.register_script(RECORD_SCRIPT)
+            self._team_script = client.register_script(TEAM_RECORD_SCRIPT)
+            self._reserve_script = client.register_script(RESERVE_SCRIPT)
+            self._release_script = client.register_script(RELEASE_SCRIPT)
             self._client = client
         return self._client
 
@@ -234,11 +364,15 @@ class RedisLedger(Ledger):
                         pipe.sadd(self._team_key(r.team), r.user)
                     group = json.dumps([r.task, r.model or "", r.upstream, r.team or ""])
                     measured_j = r.energy_j if r.source == "measured" else 0.0
+                    rid = _enc(r.request_id)
+                    co2e_g = repr(float(r.co2e_g))
                     await self._script(
                         keys=[
                             self._seen_key(r.user, r.request_id),
                             self._day_key(r.user, r.day),
                             self._days_key(r.user),
+                            self._spent_key("user", r.user, r.day),
+                            *self._held_keys("user", r.user),
                         ],
                         args=[
                             record_ttl_s,
@@ -248,22 +382,64 @@ class RedisLedger(Ledger):
                             oldest_score,
                             group,
                             repr(float(r.energy_j)),
-                            repr(float(r.co2e_g)),
+                            co2e_g,
                             int(r.prompt_tokens or 0),
                             int(r.completion_tokens or 0),
                             repr(float(measured_j)),
+                            rid,
+                            SPENT_TTL_S,
                         ],
                         client=pipe,
                     )
+                    if r.team:
+                        await self._team_script(
+                            keys=[
+                                self._scope_key("team", r.team, f"seen:{rid}"),
+                                self._spent_key("team", r.team, r.day),
+                                *self._held_keys("team", r.team),
+                            ],
+                            args=[SPENT_TTL_S, SPENT_TTL_S, r.day, co2e_g, rid],
+                            client=pipe,
+                        )
                 results = await pipe.execute()
-        # each record queued SET and SADD (and SADD for a team) before its script's reply
+        # each record queued SET and SADD (and SADD for a team) before its script's reply, and
+        # its team's script after it
         new = 0
         i = 0
         for r in records:
             i += 3 if r.team else 2
             new += int(results[i])
-            i += 1
+            i += 2 if r.team else 1
         return new
+
+    # -- budgets -------------------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        scope: str,
+        key: str,
+        request_id: str,
+        grams: float,
+        limits: Sequence[PeriodLimit],
+        day: str,
+        ttl_s: float,
+    ) -> Refusal | None:
+        args: list[Any] = [_enc(request_id), repr(float(grams)), max(1, round(ttl_s * 1000)), day]
+        for limit in limits:
+            args += [limit.period, repr(float(limit.budget_g)), repr(float(limit.known_g))]
+        self._connect()
+        with _translated(f"reserve for {scope} {key!r}"):
+            index, used_g, held_g = await self._reserve_script(
+                keys=[self._spent_key(scope, key, day), *self._held_keys(scope, key)], args=args
+            )
+        if int(index) == 0:
+            return None
+        return Refusal(int(index) - 1, float(used_g), float(held_g))
+
+    async def release(self, scope: str, key: str, request_id: str) -> None:
+        self._connect()
+        with _translated(f"release for {scope} {key!r}"):
+            await self._release_script(keys=self._held_keys(scope, key), args=[_enc(request_id)])
 
     # -- reads ---------------------------------------------------------------------------------
 

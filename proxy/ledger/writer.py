@@ -19,6 +19,7 @@ import contextlib
 import logging
 import random
 from collections import deque
+from collections.abc import Callable, Sequence
 
 from proxy.errors import LedgerError
 from proxy.ledger.base import Ledger
@@ -48,6 +49,8 @@ class LedgerWriter:
         spool: the on-disk spool; None keeps failed records in memory only.
         write_timeout_s: seconds one batch write may take before it counts as failed.
         max_memory_records: records held in memory at most (the oldest are dropped beyond).
+        on_written: told of each batch the ledger has stored (budgets drop what they counted
+            locally once the ledger's figure holds it).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class LedgerWriter:
         spool: Spool | None = None,
         write_timeout_s: float = WRITE_TIMEOUT_S,
         max_memory_records: int = MAX_MEMORY_RECORDS,
+        on_written: Callable[[Sequence[RequestRecord]], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.metrics = metrics
@@ -67,6 +71,7 @@ class LedgerWriter:
         self.spool = spool
         self.write_timeout_s = write_timeout_s
         self.max_memory_records = max_memory_records
+        self.on_written = on_written
         self._memory: deque[RequestRecord] = deque()
         self._inflight = 0
         self._wake = asyncio.Event()
@@ -130,8 +135,17 @@ class LedgerWriter:
                 await self._spill(batch)
                 return False
             self.written += len(batch)
+            self._told(batch)
             self._set_backlog()
         return True
+
+    def _told(self, batch: Sequence[RequestRecord]) -> None:
+        if self.on_written is None:
+            return
+        try:
+            self.on_written(batch)
+        except Exception:  # a listener's bug must not stop the writer
+            log.exception("on_written failed for %d records", len(batch))
 
     async def _write(self, batch: list[RequestRecord]) -> bool:
         try:
@@ -164,6 +178,7 @@ class LedgerWriter:
                 spool.mark_replayed(end_offset, lines)
                 replayed += len(records)
                 self.written += len(records)
+                self._told(records)
                 self._set_backlog()
         except OSError as e:
             self.metrics.ledger_errors.labels("spool").inc()
