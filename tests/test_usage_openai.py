@@ -134,6 +134,11 @@ def test_plan_injects_include_usage_and_keeps_other_options() -> None:
     "doc",
     [
         {"model": "m", "stream": True, "stream_options": {"include_usage": True}},
+        # vLLM: usage in every chunk once include_usage is added (tests/test_stream_options.py)
+        {"model": "m", "stream": True, "stream_options": {"continuous_usage_stats": True}},
+        # what the server makes of these is its business: forwarded as sent
+        {"model": "m", "stream": True, "stream_options": {"include_usage": 1}},
+        {"model": "m", "stream": True, "stream_options": "yes"},
         {"model": "m", "stream": False},
         {"model": "m"},
     ],

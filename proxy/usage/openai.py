@@ -3,9 +3,10 @@
 On the request side, a streaming chat or completion that did not ask for
 ``stream_options.include_usage`` gets it added, and the response parser then removes the
 usage-only chunk (and any ``"usage":null`` the server adds to other chunks), so the client sees
-exactly the stream it asked for. On the response side, usage is read from whichever event carries
-it (the usage-only chunk, or the finish chunk as llama.cpp sends it); servers that never send it
-fall back to counting the streamed deltas.
+exactly the stream it asked for. A request with vLLM's ``continuous_usage_stats`` is left as it
+is: with ``include_usage`` added, usage would appear in every chunk. On the response side, usage
+is read from whichever event carries it (the usage-only chunk, or the finish chunk as llama.cpp
+sends it); servers that never send it fall back to counting the streamed deltas.
 
 Beyond chat and completions: ``/v1/responses`` and Anthropic-style ``/v1/messages`` (named SSE
 events; usage in ``response.completed``, or in ``message_start`` and ``message_delta``), images
@@ -34,6 +35,8 @@ from proxy.usage.base import (
 
 STREAM_USAGE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 #: APIs whose streams are named events with usage nested in them.
+#: ``stream_options`` that decide whether a stream carries usage (vLLM adds the second).
+_USAGE_OPTIONS = ("include_usage", "continuous_usage_stats")
 EVENT_STREAM_PATHS = frozenset(("/v1/responses", "/v1/messages"))
 WAV_TYPES = frozenset(("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"))
 #: Streamed text kept for counting with a tokenizer when the server sends no usage.
@@ -156,14 +159,27 @@ def plan_openai_request(path: str, doc: Any) -> RequestPlan:
         plan.prompt_parts = _strings(doc["input"]) or None
     user = doc.get("user")
     plan.end_user = user if isinstance(user, str) else None
-    if plan.stream and path in STREAM_USAGE_PATHS:
-        options = doc.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            new_options = dict(options) if isinstance(options, dict) else {}
-            new_options["include_usage"] = True
-            plan.inject_usage = True
-            plan.body = json.dumps({**doc, "stream_options": new_options}).encode()
+    if plan.stream and path in STREAM_USAGE_PATHS and _may_ask_for_usage(doc.get("stream_options")):
+        new_options = dict(doc.get("stream_options") or {})
+        new_options["include_usage"] = True
+        plan.inject_usage = True
+        plan.body = json.dumps({**doc, "stream_options": new_options}).encode()
     return plan
+
+
+def _may_ask_for_usage(options: Any) -> bool:
+    """Whether the proxy may add ``include_usage`` to a stream's options: only where the answer
+    then differs from the one the client asked for by what ``OpenAISSE`` takes out again (the
+    final usage-only chunk). Not when the client asked for usage itself (in whatever form), nor
+    with vLLM's ``continuous_usage_stats``: vLLM honours it only together with
+    ``include_usage`` and would then put usage in every chunk, and other servers (SGLang) honour
+    it alone; either way the client's bytes could not be restored. Odd values the server might
+    refuse are left for it to refuse."""
+    if options is None:
+        return True
+    if not isinstance(options, dict):
+        return False
+    return all(options.get(key) is None or options.get(key) is False for key in _USAGE_OPTIONS)
 
 
 def _pairs(doc: dict[str, Any]) -> list[str] | None:
