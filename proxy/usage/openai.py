@@ -42,7 +42,9 @@ WAV_TYPES = frozenset(("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave
 #: Streamed text kept for counting with a tokenizer when the server sends no usage.
 MAX_COLLECTED_TEXT = 1024 * 1024
 
-_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+#: A chunk's text: group 1 names the field, group 2 is set when the text is empty.
+_PIECE = re.compile(rb'"(content|text)"\s*:\s*"(")?')
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 _INPUT_TOKENS = re.compile(rb'"(?:input_tokens|prompt_tokens)"\s*:\s*(\d+)')
 _OUTPUT_TOKENS = re.compile(rb'"(?:output_tokens|completion_tokens)"\s*:\s*(\d+)')
@@ -237,6 +239,7 @@ class OpenAISSE(StreamUsage):
         self.events = 0
         self._framer = SSEFramer()
         self._usage = Usage()
+        self._timings: Usage | None = None
         self._text: list[str] = []
         self._text_len = 0
 
@@ -270,13 +273,13 @@ class OpenAISSE(StreamUsage):
         if data.strip() == b"[DONE]":
             self.done = True
             return True
-        content = _CONTENT.search(data) is not None
-        if content:
-            self.tokens += 1
+        token, content = generated_token(data)
+        self.tokens += token
         has_usage = b'"usage"' in data and not (
             b"null" in data and _USAGE_NULL.search(data) and data.count(b'"usage"') == 1
         )
-        if not has_usage and not (content and self.collect_text):
+        has_timings = b'"timings"' in data
+        if not has_usage and not has_timings and not (content and self.collect_text):
             return True
         try:
             obj = parse_json(data)
@@ -286,6 +289,9 @@ class OpenAISSE(StreamUsage):
             return True
         if content and self.collect_text:
             self._collect(obj)
+        timings = obj.get("timings")
+        if isinstance(timings, dict):
+            self._timings = _timings_usage(timings) or self._timings
         usage = obj.get("usage")
         if isinstance(usage, dict):
             _merge_usage(self._usage, usage)
@@ -308,7 +314,40 @@ class OpenAISSE(StreamUsage):
         return "".join(self._text)
 
     def finish(self) -> Usage:
+        if self._timings is not None:
+            self._usage.fill_from(self._timings)
         return finish_stream(self._usage, self.tokens)
+
+
+def generated_token(data: bytes) -> tuple[int, bool]:
+    """Whether one chunk's ``data`` is a generated token (1 or 0), and whether it has text.
+
+    Servers stream one token per chunk, text or not: a token whose bytes are held back
+    (incomplete UTF-8: llama-cpp-python, vLLM) or that has no text (vLLM's end of sequence)
+    comes as ``"content":""``. An empty ``content`` beside a ``role`` announces the role, and a
+    completion's empty ``text`` beside a ``finish_reason`` marks the end: neither is a token.
+    Read from the bytes, without decoding the chunk."""
+    m = _PIECE.search(data)
+    if m is None:
+        return 0, False
+    if m.group(2) is None:
+        return 1, True
+    if m.group(1) == b"content":
+        return (0 if b'"role"' in data else 1), False
+    return (0 if _FINISHED.search(data) else 1), False
+
+
+def _timings_usage(timings: dict[str, Any]) -> Usage | None:
+    """llama.cpp's ``timings``: ``predicted_n`` generated, ``prompt_n`` prompt tokens evaluated
+    plus ``cache_n`` taken from the cache."""
+    predicted = int_field(timings.get("predicted_n"))
+    prompt = int_field(timings.get("prompt_n"))
+    if predicted is None and prompt is None:
+        return None
+    usage = Usage()
+    cached = int_field(timings.get("cache_n")) or 0
+    usage.merge_server(None if prompt is None else prompt + cached, predicted)
+    return usage
 
 
 def _merge_usage(usage: Usage, u: dict[str, Any]) -> None:
