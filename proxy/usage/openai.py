@@ -49,7 +49,7 @@ _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 _INPUT_TOKENS = re.compile(rb'"(?:input_tokens|prompt_tokens)"\s*:\s*(\d+)')
 _OUTPUT_TOKENS = re.compile(rb'"(?:output_tokens|completion_tokens)"\s*:\s*(\d+)')
 _DELTA_EVENT = re.compile(rb'"type"\s*:\s*"(?:response\.output_text\.delta|content_block_delta)"')
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")  # not \d: it takes other scripts' digits
 _DELTA_TEXT = re.compile(rb'"(?:delta|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
