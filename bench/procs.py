@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from estimators.units import parse_count
+
 HOST = "127.0.0.1"
 #: Open files each server asks for: 10,000 streams through a proxy need two sockets each. A
 #: process without CAP_SYS_RESOURCE cannot pass its hard limit, so this is a wish.
@@ -126,12 +128,13 @@ def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (nginx's workers)."""
     out = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        child = parse_count(entry.name)
+        if child is None:
             continue
         with contextlib.suppress(OSError, IndexError, ValueError):
             stat = (entry / "stat").read_text()
             if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                out.append(int(entry.name))
+                out.append(child)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Unit conversions, done once where a reading enters or a figure leaves."""
+"""Unit conversions, done once where a reading enters or a figure leaves, and the one reader of
+counts written as text (headers, exporter labels)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,14 @@ def j_to_kwh(energy_j: float) -> float:
 def co2e_g(energy_j: float, intensity_g_per_kwh: float, pue: float = 1.0) -> float:
     """Grams CO2e for energy drawn at the accelerator; PUE scales it to the facility first."""
     return energy_j * pue / J_PER_KWH * intensity_g_per_kwh
+
+
+def parse_count(text: str | None) -> int | None:
+    """A count written in ASCII digits (``[0-9]+``), else None.
+
+    Not ``isdigit()`` then ``int()``: ``'²'.isdigit()`` is true and ``int('²')`` raises, while
+    ``int`` reads other scripts' digits (``'١٢'`` is 12) that no header or label means.
+    """
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)

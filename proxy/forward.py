@@ -588,8 +588,12 @@ class Forwarder:
         if relay is not None and relay.parser is not None:
             usage = relay.parser.finish()
             if usage.tokens_source != "server" and counter is not None and relay.parser.text:
-                usage.completion_tokens = counter.count(relay.parser.text)
-                usage.tokens_source = "tokenizer"
+                counted = counter.count(relay.parser.text)
+                # each generated chunk held a token at least; bytes a server dropped are not
+                # in the text (llama-cpp-python's undecodable tokens)
+                if counted >= (usage.completion_tokens or 0):
+                    usage.completion_tokens = counted
+                    usage.tokens_source = "tokenizer"
         elif relay is not None and relay.collector is not None:
             usage = for_api(upstream.api).body(path, relay.collector.json())
         if relay is not None and relay.header_usage is not None:

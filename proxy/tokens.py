@@ -22,6 +22,7 @@ class TokenCounter:
     def __init__(self, model_path: str) -> None:
         self.model_path = model_path
         self._tok: Any = None
+        self._template_warned = False
 
     def load(self) -> TokenCounter:
         """Load now (slow: call at startup, off the event loop)."""
@@ -45,6 +46,20 @@ class TokenCounter:
                 if isinstance(ids, dict) or hasattr(ids, "keys"):
                     ids = ids["input_ids"]
                 return len(ids)
-            except Exception as e:  # a malformed message list: fall back to plain text
-                log.debug("chat template failed for %s: %s", self.model_path, e)
+            except Exception as e:  # jinja2 missing, a template that raises, odd messages
+                self._warn_template(e)
         return len(tok.encode(text, add_special_tokens=True))
+
+    def _warn_template(self, error: Exception) -> None:
+        """Say once per tokenizer that prompts are counted without their chat template (fewer
+        tokens than the server counts); every request would repeat the same words."""
+        if self._template_warned:
+            return
+        self._template_warned = True
+        log.warning(
+            "the chat template of %s failed (%s: %s); prompt tokens are counted without it, "
+            "fewer than the server counts (said once)",
+            self.model_path,
+            type(error).__name__,
+            error,
+        )

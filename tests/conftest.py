@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import settings
 from prometheus_client import CollectorRegistry
 
 from estimators.meters.base import Meter
@@ -18,6 +19,13 @@ from proxy.config import Config, parse_config
 from proxy.ledger.base import Ledger
 from proxy.protocol import ProxyRunner
 from proxy.standin import StandIn
+
+# Loaded before any test module is imported, so every ``@settings(...)`` in them inherits it:
+# the same examples on every run (seeded from each test), and no example database carried
+# between runs. ``pytest --hypothesis-profile=explore`` hunts for new failures at random.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("deterministic")
 
 
 def proxy_config(upstream_url: str, tmp_path: Path, **sections: Any) -> Config:

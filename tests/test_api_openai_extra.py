@@ -116,6 +116,11 @@ async def test_images_count_size_and_steps(
     assert rec["completion_tokens"] is None  # no text generated, nothing invented
 
 
+def test_an_image_size_in_other_digits_is_not_recorded() -> None:
+    plan = plan_openai_request("/v1/images/generations", {"size": "\u0665\u0661\u0662x512"})
+    assert "image_size" not in plan.extra
+
+
 @pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
 async def test_rerank_total_tokens(
     aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path, path: str

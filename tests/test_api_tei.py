@@ -118,6 +118,8 @@ def test_plans_split_batches_and_pairs() -> None:
         f"{B} {A}",
     ]
     assert usage_from_headers("/embed", {"x-compute-tokens": "x"}) is None
+    assert usage_from_headers("/embed", {"x-compute-tokens": "\u00b2"}) is None
+    assert usage_from_headers("/embed", {"x-compute-tokens": "\u0661\u0662"}) is None
     tokens = [[{"id": 1}, {"id": 2}], [{"id": 3}]]
     u = usage_from_body("/tokenize", tokens)
     assert (u.prompt_tokens, u.completion_tokens, u.tokens_source) == (3, 0, "server")

@@ -163,3 +163,9 @@ def test_tgi_plan_and_bodies() -> None:
     h = usage_from_headers("/generate", {"x-prompt-tokens": "4", "x-generated-tokens": "7"})
     assert h is not None and (h.prompt_tokens, h.completion_tokens) == (4, 7)
     assert usage_from_headers("/generate", {"x-prompt-tokens": "n/a"}) is None
+    # digits to str.isdigit() that int() refuses or reads: not a count, and no exception
+    assert usage_from_headers("/generate", {"x-prompt-tokens": "\u00b2"}) is None
+    h = usage_from_headers(
+        "/generate", {"x-prompt-tokens": "\u0661\u0662", "x-generated-tokens": "3"}
+    )
+    assert h is not None and (h.prompt_tokens, h.completion_tokens) == (None, 3)

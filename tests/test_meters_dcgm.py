@@ -125,6 +125,28 @@ async def test_counter_path_selects_by_gpu_label(aiohttp_server: ServerFactory) 
     assert exporter.scrapes == 2
 
 
+async def test_gpu_labels_that_are_not_ascii_digits_are_not_gpus(
+    aiohttp_server: ServerFactory,
+) -> None:
+    """A superscript two passes ``isdigit()`` and ``int()`` raises on it; ``int()`` reads an
+    Arabic-Indic one as 1, aliasing gpu1. Default devices come from ASCII-digit labels only."""
+    exporter = h100s()
+    page = exporter.page()
+    odd = "".join(
+        f'DCGM_FI_DEV_POWER_USAGE{{gpu="{label}",UUID="GPU-{n}"}} 50.0\n'
+        for n, label in enumerate(["\u00b2", "\u0661", ""])
+    )
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(text=page + odd, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    server = await aiohttp_server(app)
+    meter = await asyncio.to_thread(DcgmMeter, str(server.make_url("/metrics")))
+    assert meter.devices() == ["gpu0", "gpu1"]
+
+
 async def test_uuid_label_selects_the_gpu(aiohttp_server: ServerFactory) -> None:
     exporter = h100s()
     url = await serve(exporter, aiohttp_server)

@@ -57,6 +57,11 @@ def test_default_devices_are_the_packages(powercap: Path) -> None:
     assert meter.devices() == ["cpu0", "cpu1"]
 
 
+def test_a_zone_numbered_in_other_digits_is_no_package(powercap: Path) -> None:
+    zone(powercap, "intel-rapl:\u0663", "package-3", 1_000)  # an Arabic-Indic three
+    assert top_level_domains(powercap) == [powercap / "intel-rapl:0", powercap / "intel-rapl:1"]
+
+
 def test_counter_deltas_become_joules_and_watts(powercap: Path) -> None:
     clock = ManualClock()
     meter = RaplMeter(powercap, clock=clock)

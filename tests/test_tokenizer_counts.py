@@ -4,6 +4,8 @@ whenever they are real. The record says where its counts came from."""
 
 from __future__ import annotations
 
+import logging
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +176,32 @@ def test_token_counter_against_independent_counts(tokenizer_path: Path) -> None:
     assert counter.count(ANSWER) == pieces(ANSWER)
     assert counter.count_prompt(None, ANSWER) == pieces(ANSWER) + 1
     assert counter.count_prompt(MESSAGES, "") == CHAT_PROMPT
+
+
+def test_chat_templates_need_only_core_dependencies() -> None:
+    """``pip install .`` must bring what ``apply_chat_template`` imports (jinja2): without it
+    every templated prompt silently fell back to plain encoding (6 tokens for the server's 9)."""
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    names = {
+        dep.split(">")[0].split("=")[0].split("[")[0].strip().lower()
+        for dep in project["dependencies"]
+    }
+    assert {"transformers", "jinja2"} <= names
+
+
+async def test_a_chat_template_that_fails_is_logged_once_and_plain_text_counted(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = build_tokenizer(tmp_path / "broken", chat_template="{{ raise_exception('no') }}")
+    base = await start(aiohttp_server, make_proxy, tmp_path, Quiet().app(), broken)
+    caplog.set_level(logging.WARNING, logger="wattproxy.tokens")
+    for _ in range(3):
+        got = await call(base, "/v1/chat/completions", {"model": "m", "messages": MESSAGES})
+        # the prompt's texts, joined, with <s>: what counting without the template gives
+        texts = "\n".join(m["content"] for m in MESSAGES)
+        assert got.record["prompt_tokens"] == pieces(texts) + 1
+    warnings = [r for r in caplog.records if r.name == "wattproxy.tokens"]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    assert str(broken) in warnings[0].getMessage()

@@ -134,6 +134,11 @@ def test_plan_injects_include_usage_and_keeps_other_options() -> None:
     "doc",
     [
         {"model": "m", "stream": True, "stream_options": {"include_usage": True}},
+        # vLLM: usage in every chunk once include_usage is added (tests/test_stream_options.py)
+        {"model": "m", "stream": True, "stream_options": {"continuous_usage_stats": True}},
+        # what the server makes of these is its business: forwarded as sent
+        {"model": "m", "stream": True, "stream_options": {"include_usage": 1}},
+        {"model": "m", "stream": True, "stream_options": "yes"},
         {"model": "m", "stream": False},
         {"model": "m"},
     ],
@@ -187,3 +192,52 @@ def test_parser_never_raises_and_never_holds_more_than_one_event(
         assert total_out == total_in
     else:
         assert total_out <= total_in
+
+
+# -- which chunks are generated tokens ----------------------------------------------------------
+
+PY = '{{"id": "c", "object": "chat.completion.chunk", "choices": [{{"index": 0, {}}}]}}'
+
+
+@pytest.mark.parametrize(
+    ("choice", "tokens"),
+    [
+        # a role announcement is no token: vLLM's (empty content), llama.cpp's (null), Python's
+        ('"delta":{"role":"assistant","content":""},"finish_reason":null', 0),
+        ('"delta":{"role":"assistant","content":null},"finish_reason":null', 0),
+        ('"delta": {"role": "assistant"}, "finish_reason": null', 0),
+        # text, or a token whose bytes are held back (llama-cpp-python, vLLM): one token each
+        ('"delta":{"content":"a"},"finish_reason":null', 1),
+        ('"delta": {"content": ""}, "logprobs": null, "finish_reason": null', 1),
+        # TGI repeats the role in every chunk: the text still counts
+        ('"delta":{"role":"assistant","content":" b"},"finish_reason":null', 1),
+        # vLLM's end-of-sequence token: no text, counted by vLLM
+        ('"delta":{"content":""},"finish_reason":"stop"', 1),
+        # finish markers that are no token: an empty delta, a completion's empty text
+        ('"delta": {}, "logprobs": null, "finish_reason": "stop"', 0),
+        ('"text": "", "logprobs": null, "finish_reason": "length"', 0),
+        ('"text":"","finish_reason":null', 1),
+        ('"text":" hi","finish_reason":"length"', 1),
+    ],
+)
+def test_each_generated_chunk_is_one_token(choice: str, tokens: int) -> None:
+    parser = OpenAISSE()
+    event = f"data: {PY.format(choice)}\n\n".encode()
+    assert parser.feed(event) == event
+    assert parser.tokens == tokens
+
+
+def test_llamacpp_timings_are_the_count_without_usage() -> None:
+    """``timings_per_token``: cumulative timings on every chunk; a stream cut short (no final
+    chunk) still has the server's count so far. ``usage``, where sent, wins."""
+    timed = [
+        chunk(text, extra=f',"timings":{{"cache_n":2,"prompt_n":5,"predicted_n":{n}}}')
+        for n, text in enumerate(["a", " b", " c"], start=1)
+    ]
+    parser = OpenAISSE()
+    run(parser, b"".join(timed[:2]), [7])
+    usage = parser.finish()
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.tokens_source) == (7, 2, "server")
+    parser = OpenAISSE()
+    run(parser, b"".join(timed) + USAGE + DONE, [])
+    assert (parser.finish().prompt_tokens, parser.finish().completion_tokens) == (7, 3)

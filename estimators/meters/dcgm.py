@@ -33,6 +33,7 @@ from estimators.meters.base import (
     Reading,
     read_each,
 )
+from estimators.units import parse_count
 
 log = logging.getLogger("wattproxy.meter.dcgm")
 
@@ -244,9 +245,8 @@ def _describe(selector: GpuSelector) -> str:
 
 def _default_selectors(page: Mapping[str, list[Series]]) -> dict[str, GpuSelector]:
     indexes = {
-        int(s.labels["gpu"])
+        parse_count(s.labels.get("gpu"))
         for name in (ENERGY_METRIC, POWER_METRIC)
         for s in page[name]
-        if s.labels.get("gpu", "").isdigit()
     }
-    return {f"gpu{i}": i for i in sorted(indexes)}
+    return {f"gpu{i}": i for i in sorted(i for i in indexes if i is not None)}

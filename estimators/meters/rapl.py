@@ -27,7 +27,7 @@ log = logging.getLogger("wattproxy.meter.rapl")
 DEFAULT_ROOT = "/sys/class/powercap"
 UJ_PER_J = 1_000_000.0
 
-_TOP_LEVEL = re.compile(r"intel-rapl:(\d+)")
+_TOP_LEVEL = re.compile(r"intel-rapl:([0-9]+)")  # not \d: it takes other scripts' digits
 #: ``psys`` covers the whole platform, packages included: metering it too would count twice.
 _SKIPPED_DOMAINS = frozenset({"psys"})
 _PERMISSION_HINT = (

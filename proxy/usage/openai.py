@@ -3,9 +3,10 @@
 On the request side, a streaming chat or completion that did not ask for
 ``stream_options.include_usage`` gets it added, and the response parser then removes the
 usage-only chunk (and any ``"usage":null`` the server adds to other chunks), so the client sees
-exactly the stream it asked for. On the response side, usage is read from whichever event carries
-it (the usage-only chunk, or the finish chunk as llama.cpp sends it); servers that never send it
-fall back to counting the streamed deltas.
+exactly the stream it asked for. A request with vLLM's ``continuous_usage_stats`` is left as it
+is: with ``include_usage`` added, usage would appear in every chunk. On the response side, usage
+is read from whichever event carries it (the usage-only chunk, or the finish chunk as llama.cpp
+sends it); servers that never send it fall back to counting the streamed deltas.
 
 Beyond chat and completions: ``/v1/responses`` and Anthropic-style ``/v1/messages`` (named SSE
 events; usage in ``response.completed``, or in ``message_start`` and ``message_delta``), images
@@ -34,17 +35,21 @@ from proxy.usage.base import (
 
 STREAM_USAGE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 #: APIs whose streams are named events with usage nested in them.
+#: ``stream_options`` that decide whether a stream carries usage (vLLM adds the second).
+_USAGE_OPTIONS = ("include_usage", "continuous_usage_stats")
 EVENT_STREAM_PATHS = frozenset(("/v1/responses", "/v1/messages"))
 WAV_TYPES = frozenset(("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"))
 #: Streamed text kept for counting with a tokenizer when the server sends no usage.
 MAX_COLLECTED_TEXT = 1024 * 1024
 
-_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+#: A chunk's text: group 1 names the field, group 2 is set when the text is empty.
+_PIECE = re.compile(rb'"(content|text)"\s*:\s*"(")?')
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 _INPUT_TOKENS = re.compile(rb'"(?:input_tokens|prompt_tokens)"\s*:\s*(\d+)')
 _OUTPUT_TOKENS = re.compile(rb'"(?:output_tokens|completion_tokens)"\s*:\s*(\d+)')
 _DELTA_EVENT = re.compile(rb'"type"\s*:\s*"(?:response\.output_text\.delta|content_block_delta)"')
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")  # not \d: it takes other scripts' digits
 _DELTA_TEXT = re.compile(rb'"(?:delta|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -156,14 +161,27 @@ def plan_openai_request(path: str, doc: Any) -> RequestPlan:
         plan.prompt_parts = _strings(doc["input"]) or None
     user = doc.get("user")
     plan.end_user = user if isinstance(user, str) else None
-    if plan.stream and path in STREAM_USAGE_PATHS:
-        options = doc.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            new_options = dict(options) if isinstance(options, dict) else {}
-            new_options["include_usage"] = True
-            plan.inject_usage = True
-            plan.body = json.dumps({**doc, "stream_options": new_options}).encode()
+    if plan.stream and path in STREAM_USAGE_PATHS and _may_ask_for_usage(doc.get("stream_options")):
+        new_options = dict(doc.get("stream_options") or {})
+        new_options["include_usage"] = True
+        plan.inject_usage = True
+        plan.body = json.dumps({**doc, "stream_options": new_options}).encode()
     return plan
+
+
+def _may_ask_for_usage(options: Any) -> bool:
+    """Whether the proxy may add ``include_usage`` to a stream's options: only where the answer
+    then differs from the one the client asked for by what ``OpenAISSE`` takes out again (the
+    final usage-only chunk). Not when the client asked for usage itself (in whatever form), nor
+    with vLLM's ``continuous_usage_stats``: vLLM honours it only together with
+    ``include_usage`` and would then put usage in every chunk, and other servers (SGLang) honour
+    it alone; either way the client's bytes could not be restored. Odd values the server might
+    refuse are left for it to refuse."""
+    if options is None:
+        return True
+    if not isinstance(options, dict):
+        return False
+    return all(options.get(key) is None or options.get(key) is False for key in _USAGE_OPTIONS)
 
 
 def _pairs(doc: dict[str, Any]) -> list[str] | None:
@@ -221,6 +239,7 @@ class OpenAISSE(StreamUsage):
         self.events = 0
         self._framer = SSEFramer()
         self._usage = Usage()
+        self._timings: Usage | None = None
         self._text: list[str] = []
         self._text_len = 0
 
@@ -254,13 +273,13 @@ class OpenAISSE(StreamUsage):
         if data.strip() == b"[DONE]":
             self.done = True
             return True
-        content = _CONTENT.search(data) is not None
-        if content:
-            self.tokens += 1
+        token, content = generated_token(data)
+        self.tokens += token
         has_usage = b'"usage"' in data and not (
             b"null" in data and _USAGE_NULL.search(data) and data.count(b'"usage"') == 1
         )
-        if not has_usage and not (content and self.collect_text):
+        has_timings = b'"timings"' in data
+        if not has_usage and not has_timings and not (content and self.collect_text):
             return True
         try:
             obj = parse_json(data)
@@ -270,6 +289,9 @@ class OpenAISSE(StreamUsage):
             return True
         if content and self.collect_text:
             self._collect(obj)
+        timings = obj.get("timings")
+        if isinstance(timings, dict):
+            self._timings = _timings_usage(timings) or self._timings
         usage = obj.get("usage")
         if isinstance(usage, dict):
             _merge_usage(self._usage, usage)
@@ -292,7 +314,40 @@ class OpenAISSE(StreamUsage):
         return "".join(self._text)
 
     def finish(self) -> Usage:
+        if self._timings is not None:
+            self._usage.fill_from(self._timings)
         return finish_stream(self._usage, self.tokens)
+
+
+def generated_token(data: bytes) -> tuple[int, bool]:
+    """Whether one chunk's ``data`` is a generated token (1 or 0), and whether it has text.
+
+    Servers stream one token per chunk, text or not: a token whose bytes are held back
+    (incomplete UTF-8: llama-cpp-python, vLLM) or that has no text (vLLM's end of sequence)
+    comes as ``"content":""``. An empty ``content`` beside a ``role`` announces the role, and a
+    completion's empty ``text`` beside a ``finish_reason`` marks the end: neither is a token.
+    Read from the bytes, without decoding the chunk."""
+    m = _PIECE.search(data)
+    if m is None:
+        return 0, False
+    if m.group(2) is None:
+        return 1, True
+    if m.group(1) == b"content":
+        return (0 if b'"role"' in data else 1), False
+    return (0 if _FINISHED.search(data) else 1), False
+
+
+def _timings_usage(timings: dict[str, Any]) -> Usage | None:
+    """llama.cpp's ``timings``: ``predicted_n`` generated, ``prompt_n`` prompt tokens evaluated
+    plus ``cache_n`` taken from the cache."""
+    predicted = int_field(timings.get("predicted_n"))
+    prompt = int_field(timings.get("prompt_n"))
+    if predicted is None and prompt is None:
+        return None
+    usage = Usage()
+    cached = int_field(timings.get("cache_n")) or 0
+    usage.merge_server(None if prompt is None else prompt + cached, predicted)
+    return usage
 
 
 def _merge_usage(usage: Usage, u: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from estimators.units import parse_count
 from proxy.usage import openai
 from proxy.usage.base import RequestPlan, StreamUsage, Usage
 
@@ -81,9 +82,9 @@ def usage_from_body(path: str, doc: Any) -> Usage:
 
 def usage_from_headers(path: str, headers: Mapping[str, str]) -> Usage | None:
     """``x-compute-tokens``: the tokens TEI computed for the whole request."""
-    value = headers.get("x-compute-tokens")
-    if value is None or not value.isdigit():
+    tokens = parse_count(headers.get("x-compute-tokens"))
+    if tokens is None:
         return None
     usage = Usage()
-    usage.merge_server(int(value), 0)
+    usage.merge_server(tokens, 0)
     return usage

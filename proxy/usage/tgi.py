@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from estimators.units import parse_count
 from proxy.usage import openai
 from proxy.usage.base import (
     ObservingStream,
@@ -135,8 +136,5 @@ def usage_from_headers(path: str, headers: Mapping[str, str]) -> Usage | None:
     if prompt is None and generated is None:
         return None
     usage = Usage()
-    usage.merge_server(
-        int(prompt) if prompt and prompt.isdigit() else None,
-        int(generated) if generated and generated.isdigit() else None,
-    )
+    usage.merge_server(parse_count(prompt), parse_count(generated))
     return usage if usage.tokens_source == "server" else None

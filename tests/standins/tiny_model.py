@@ -31,8 +31,8 @@ def pieces(text: str) -> int:
     return len(_PIECE.findall(text))
 
 
-def build_tokenizer(folder: Path) -> Path:
-    """Train the tiny tokenizer and save it (with its chat template) into ``folder``."""
+def build_tokenizer(folder: Path, chat_template: str = CHAT_TEMPLATE) -> Path:
+    """Train the tiny tokenizer and save it (with ``chat_template``) into ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,7 +50,7 @@ def build_tokenizer(folder: Path) -> Path:
         eos_token="</s>",
         pad_token="<pad>",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(folder))
     return folder
