@@ -271,7 +271,7 @@ async def test_upstream_reset_before_headers_is_502(
         assert (await r.json())["error"]["type"] == "upstream_error"
 
 
-async def test_upstream_reset_mid_stream_ends_client_stream_cleanly(
+async def test_upstream_reset_mid_stream_aborts_the_client_stream(
     aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     async def half(request: web.Request) -> web.StreamResponse:
@@ -292,9 +292,12 @@ async def test_upstream_reset_mid_stream_ends_client_stream_cleanly(
         aiohttp.ClientSession() as s,
         s.post(url_of(proxy) + "/v1/chat/completions", json={**CHAT, "stream": True}) as r,
     ):
-        got = await r.read()  # no exception: the chunked body ended properly
+        relayed = b"".join(events(VLLM_CLIENT_VIEW)[:2])
+        got = await r.content.readexactly(len(relayed))
+        with pytest.raises(aiohttp.ClientPayloadError):  # broken off, as the upstream did
+            await r.read()
         rid = r.headers["X-Request-Id"]
-    assert got == b"".join(events(VLLM_CLIENT_VIEW)[:2])
+    assert got == relayed
     rec = await final_record(url_of(proxy), rid)
     assert rec["outcome"] == "upstream_reset"
     assert rec["completion_tokens"] == 1
