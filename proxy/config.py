@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.errors import ConfigError
+from proxy.routing import shadowed_upstreams
 
 ENV_PREFIX = "WATTPROXY_"
 #: Env vars that are not config keys.
@@ -257,9 +258,18 @@ def parse_config(
         )
     data = _env_overrides(dict(data), os.environ if environ is None else environ)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin)) from None
+    problems = [f"{origin}: {p}" for p in _semantic_problems(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _semantic_problems(cfg: Config) -> list[str]:
+    """What a well-formed config can still get wrong: upstreams that can never be chosen."""
+    return shadowed_upstreams(cfg.upstreams)
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:

@@ -1,0 +1,49 @@
+"""`wattproxy check-config` and `serve` as real processes: every check a config can fail is
+reported at once with its key path or file name, with a non-zero exit and no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.test_cli import ROOT, WATTPROXY
+
+
+def run(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """The CLI of this checkout (PYTHONPATH: not an installed copy) run in ``cwd``."""
+    environ = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [*WATTPROXY, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=environ
+    )
+
+
+def write(tmp_path: Path, doc: dict[str, Any], name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+SHADOWED = {
+    "upstreams": [
+        {"name": "first", "url": "http://127.0.0.1:8000", "models": ["*"]},
+        {"name": "second", "url": "http://127.0.0.1:8001", "models": ["*"]},
+    ]
+}
+
+
+def test_check_config_and_serve_refuse_an_upstream_that_can_never_be_chosen(
+    tmp_path: Path,
+) -> None:
+    cfg = write(tmp_path, SHADOWED)
+    for args in (("check-config", str(cfg)), ("serve", "--config", str(cfg))):
+        r = run(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert f"{cfg}: upstreams.1: upstream 'second' can never be chosen" in r.stderr
+        assert "'first' (upstreams.0)" in r.stderr

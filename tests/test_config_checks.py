@@ -1,0 +1,98 @@
+"""What `check-config` and `serve` refuse beyond the config's shape, each problem with its key
+path: upstreams that can never be chosen, unknown carbon zones, env overrides naming no key."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.config import parse_config
+from proxy.errors import ConfigError
+from proxy.routing import Router, shadowed_upstreams
+
+
+def upstreams(*specs: tuple[str, str, list[str]]) -> dict[str, Any]:
+    return {
+        "upstreams": [
+            {"name": name, "url": f"http://127.0.0.1:{8000 + i}", "prefix": prefix, "models": m}
+            for i, (name, prefix, m) in enumerate(specs)
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    ("specs", "where"),
+    [
+        ((("a", "/", ["*"]), ("b", "/", ["*"])), "upstreams.1: upstream 'b' can never be chosen"),
+        (
+            (("a", "/v1", ["m1", "m2"]), ("b", "/v1/", ["m2", "m1"])),
+            "upstreams.1: upstream 'b' can never be chosen",
+        ),
+        (
+            (("a", "/", ["gpt-*"]), ("b", "/", ["gpt-4*", "gpt-3.5-*"])),
+            "upstreams.1: upstream 'b' can never be chosen",
+        ),
+        (
+            (("a", "/", ["x", "y"]), ("b", "/", ["y", "z"])),
+            "upstreams.1.models.0: model 'y' never reaches upstream 'b'",
+        ),
+    ],
+)
+def test_an_upstream_shadowed_by_an_earlier_one_is_refused(
+    specs: tuple[tuple[str, str, list[str]], ...], where: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(upstreams(*specs), "c.yaml", environ={})
+    (problem,) = info.value.problems
+    assert problem.startswith(f"c.yaml: {where}"), problem
+    assert "'a'" in problem and "'b'" in problem  # names both upstreams
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        (("a", "/", ["gpt-*"]), ("b", "/", ["llama-*"])),  # disjoint
+        (("a", "/", ["*"]), ("b", "/", ["llama-3"])),  # an exact name wins over a glob
+        (("a", "/", ["*"]), ("b", "/v1", ["*"])),  # another prefix
+        (("a", "/", ["llama-3"]), ("b", "/", ["*"])),  # b answers every other model
+        (("a", "/", ["llama-3-*"]), ("b", "/", ["llama-*"])),  # b answers llama-2
+    ],
+)
+def test_same_prefix_with_models_each_can_answer_is_valid(
+    specs: tuple[tuple[str, str, list[str]], ...],
+) -> None:
+    parse_config(upstreams(*specs), "c.yaml", environ={})
+
+
+PATTERNS = st.sampled_from(["*", "a*", "ab*", "a?", "ab", "abc", "b*", "[ab]*", "a", "*c"])
+MODELS = st.text(alphabet="abc", max_size=4)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    first=st.lists(PATTERNS, min_size=1, max_size=3),
+    second=st.lists(PATTERNS, min_size=1, max_size=3),
+    models=st.lists(MODELS, max_size=20),
+)
+def test_a_shadowed_upstream_is_never_chosen_by_the_router(
+    first: list[str], second: list[str], models: list[str]
+) -> None:
+    """No false alarm: whenever an upstream (or one of its entries) is called shadowed, the
+    router never picks it (for the models that entry alone would bring it)."""
+    cfg = parse_config({}, environ={})
+    a = cfg.upstreams[0].model_copy(update={"name": "a", "models": first})
+    b = cfg.upstreams[0].model_copy(update={"name": "b", "models": second})
+    found = shadowed_upstreams([a, b])
+    router = Router([a, b])
+    if any(p.startswith("upstreams.1:") for p in found):
+        assert all(router.route("/v1/x", m) is not b for m in [*models, None])
+        return
+    dead = {i for i in range(len(second)) if any(f"upstreams.1.models.{i}:" in p for p in found)}
+    for m in models:
+        matching = {i for i, pattern in enumerate(second) if fnmatch.fnmatchcase(m, pattern)}
+        if matching and matching <= dead:
+            assert router.route("/v1/x", m) is not b, (m, first, second, found)
