@@ -14,11 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.config import Config, load_config
+from proxy.config import Config, config_warnings, load_config
 from proxy.errors import ConfigError, LedgerError
 
 EXIT_CONFIG = 2
 DEFAULT_CONFIG = "config.yaml"
+
+log = logging.getLogger("wattproxy")
 
 
 def _config_path(path: str | None) -> str | None:
@@ -48,6 +50,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
+    for warning in config_warnings(cfg):
+        print(f"wattproxy: warning: {warning}", file=sys.stderr)
     names = ", ".join(
         f"{u.name} ({u.url}{'' if u.prefix == '/' else u.prefix})" for u in cfg.upstreams
     )
@@ -64,6 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
+    for warning in config_warnings(cfg):
+        log.warning("%s", warning)
     from estimators.errors import MeterError
     from proxy.server import serve
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from estimators.carbon.factory import zone_findings
 from proxy.errors import ConfigError
 from proxy.routing import shadowed_upstreams
 
@@ -268,8 +269,22 @@ def parse_config(
 
 
 def _semantic_problems(cfg: Config) -> list[str]:
-    """What a well-formed config can still get wrong: upstreams that can never be chosen."""
-    return shadowed_upstreams(cfg.upstreams)
+    """What a well-formed config can still get wrong: upstreams that can never be chosen, a
+    carbon zone the static table lacks."""
+    problems = shadowed_upstreams(cfg.upstreams)
+    c = cfg.carbon
+    zone_problem, _ = zone_findings(c.provider, c.zone, c.intensity_g_per_kwh)
+    if zone_problem:
+        problems.append(f"carbon.zone: {zone_problem}")
+    return problems
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What works but likely not as meant (``check-config`` prints these, ``serve`` logs them):
+    a live provider's zone whose fallback would be the world average."""
+    c = cfg.carbon
+    _, zone_warning = zone_findings(c.provider, c.zone, c.intensity_g_per_kwh)
+    return [f"carbon.zone: {zone_warning}"] if zone_warning else []
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:

@@ -47,3 +47,16 @@ def test_check_config_and_serve_refuse_an_upstream_that_can_never_be_chosen(
         assert "Traceback" not in r.stderr
         assert f"{cfg}: upstreams.1: upstream 'second' can never be chosen" in r.stderr
         assert "'first' (upstreams.0)" in r.stderr
+
+
+def test_an_unknown_static_zone_is_refused_and_a_live_one_warned(tmp_path: Path) -> None:
+    cfg = write(tmp_path, {"carbon": {"zone": "NOWHERE"}})
+    for args in (("check-config", str(cfg)), ("serve", "--config", str(cfg))):
+        r = run(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert f"{cfg}: carbon.zone: 'NOWHERE' is not in the built-in table" in r.stderr
+        assert "Traceback" not in r.stderr
+    live = write(tmp_path, {"carbon": {"provider": "electricitymaps", "zone": "XX-YY"}}, "l.yaml")
+    r = run("check-config", str(live), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "warning: carbon.zone: 'XX-YY'" in r.stderr

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import parse_config
+from proxy.config import config_warnings, parse_config
 from proxy.errors import ConfigError
 from proxy.routing import Router, shadowed_upstreams
 
@@ -96,3 +96,51 @@ def test_a_shadowed_upstream_is_never_chosen_by_the_router(
         matching = {i for i, pattern in enumerate(second) if fnmatch.fnmatchcase(m, pattern)}
         if matching and matching <= dead:
             assert router.route("/v1/x", m) is not b, (m, first, second, found)
+
+
+# --- carbon.zone ------------------------------------------------------------------------------
+
+
+def test_an_unknown_zone_of_the_static_table_is_refused_with_the_known_zones() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"carbon": {"zone": "NOWHERE"}}, "c.yaml", environ={})
+    (problem,) = info.value.problems
+    assert problem.startswith("c.yaml: carbon.zone: 'NOWHERE' is not in the built-in table")
+    assert "zones.csv" in problem and "WORLD" in problem and "FR" in problem
+
+
+@pytest.mark.parametrize(
+    "carbon",
+    [
+        {"zone": "fr"},  # zones are case-insensitive
+        {"zone": "US-CA"},
+        {"zone": "NOWHERE", "intensity_g_per_kwh": 100},  # a fixed figure: the zone is a label
+    ],
+)
+def test_static_zones_of_the_table_or_with_a_fixed_figure_are_valid(carbon: dict[str, Any]) -> None:
+    cfg = parse_config({"carbon": carbon}, "c.yaml", environ={})
+    assert config_warnings(cfg) == []
+
+
+@pytest.mark.parametrize(
+    ("carbon", "warned"),
+    [
+        ({"provider": "electricitymaps", "zone": "DE"}, False),
+        ({"provider": "electricitymaps", "zone": "DE-XX"}, False),  # falls back to DE
+        ({"provider": "electricitymaps", "zone": "XX-YY"}, True),  # falls back to WORLD
+        ({"provider": "electricitymaps", "zone": "XX-YY", "intensity_g_per_kwh": 90}, False),
+        ({"provider": "watttime", "zone": "CAISO_NORTH"}, False),  # maps to US-CAL-CISO
+        ({"provider": "watttime", "zone": "NOWHERE_1"}, True),
+        ({"provider": "uk-carbon-intensity", "zone": "GB"}, False),
+        ({"provider": "uk-carbon-intensity", "zone": "FR"}, True),  # covers GB only
+    ],
+)
+def test_live_provider_zones_are_their_own_but_a_world_fallback_is_a_warning(
+    carbon: dict[str, Any], warned: bool
+) -> None:
+    """A live provider takes its own zone codes: never an error; a warning when its fallback
+    (the table, for the zone or its country) would be the world average."""
+    cfg = parse_config({"carbon": carbon}, "c.yaml", environ={})
+    warnings = config_warnings(cfg)
+    assert bool(warnings) == warned, warnings
+    assert all(w.startswith("carbon.zone: ") for w in warnings)
