@@ -60,3 +60,14 @@ def test_an_unknown_static_zone_is_refused_and_a_live_one_warned(tmp_path: Path)
     r = run("check-config", str(live), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "warning: carbon.zone: 'XX-YY'" in r.stderr
+
+
+def test_a_keys_file_with_a_key_twice_is_refused(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {key: k1, user: alice}\n  - {key: k1, user: mallory}\n")
+    cfg = write(tmp_path, {"identity": {"keys_file": str(keys)}})
+    for args in (("check-config", str(cfg)), ("serve", "--config", str(cfg))):
+        r = run(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert f"{keys}: keys.1: the same key as keys.0 (user 'alice')" in r.stderr
+        assert "Traceback" not in r.stderr

@@ -4,14 +4,17 @@ path: upstreams that can never be chosen, unknown carbon zones, env overrides na
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import config_warnings, parse_config
 from proxy.errors import ConfigError
+from proxy.identity import KeyStore, sha256_hex
 from proxy.routing import Router, shadowed_upstreams
 
 
@@ -144,3 +147,39 @@ def test_live_provider_zones_are_their_own_but_a_world_fallback_is_a_warning(
     warnings = config_warnings(cfg)
     assert bool(warnings) == warned, warnings
     assert all(w.startswith("carbon.zone: ") for w in warnings)
+
+
+# --- identity.keys_file -------------------------------------------------------------------------
+
+ALICE_SHA = sha256_hex("alice-key")
+
+
+def test_duplicate_keys_and_malformed_digests_are_refused_all_at_once(tmp_path: Path) -> None:
+    """The same key twice would let one user log in as another (the last entry won); a
+    key_sha256 must be exactly 64 hex digits. Messages name the file and entries, never a key."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "keys": [
+                    {"key": "alice-key", "user": "alice"},
+                    {"key_sha256": ALICE_SHA.upper(), "user": "mallory"},  # alice's key again
+                    {"key": "bob-key", "user": "bob"},
+                    {"key": "bob-key", "user": "bob"},
+                    {"key_sha256": "z" * 64, "user": "carol"},
+                    {"key_sha256": ALICE_SHA[:63], "user": "dave"},
+                ]
+            }
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        KeyStore.load(keys)
+    problems = info.value.problems
+    assert problems == [
+        f"{keys}: keys.1: the same key as keys.0 (user 'alice'); each key must name one user",
+        f"{keys}: keys.3: the same key as keys.2 (user 'bob'); each key must name one user",
+        f"{keys}: keys.4: key_sha256 must be exactly 64 hex digits (the sha256 of the key)",
+        f"{keys}: keys.5: key_sha256 must be exactly 64 hex digits (the sha256 of the key)",
+    ]
+    text = "\n".join(problems)
+    assert "alice-key" not in text and ALICE_SHA not in text.lower()
