@@ -71,3 +71,12 @@ def test_a_keys_file_with_a_key_twice_is_refused(tmp_path: Path) -> None:
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert f"{keys}: keys.1: the same key as keys.0 (user 'alice')" in r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_an_env_override_naming_no_key_is_refused(tmp_path: Path) -> None:
+    cfg = write(tmp_path, {})
+    for args in (("check-config", str(cfg)), ("serve", "--config", str(cfg))):
+        r = run(*args, cwd=tmp_path, env={"WATTPROXY_LISTN__PORT": "9000"})
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "WATTPROXY_LISTN__PORT: unknown config key listn" in r.stderr
+        assert "Traceback" not in r.stderr

@@ -183,3 +183,56 @@ def test_duplicate_keys_and_malformed_digests_are_refused_all_at_once(tmp_path: 
     ]
     text = "\n".join(problems)
     assert "alice-key" not in text and ALICE_SHA not in text.lower()
+
+
+# --- WATTPROXY_* env overrides ------------------------------------------------------------------
+
+
+def test_env_overrides_naming_no_config_key_are_refused_all_at_once() -> None:
+    env = {
+        "WATTPROXY_LISTN__PORT": "9000",  # once silently ignored
+        "WATTPROXY_LISTEN__PROT": "9000",
+        "WATTPROXY_METER__DCGM_URL__X": "1",
+        "WATTPROXY_UPSTREAMS__0__URL": "http://127.0.0.1:9",
+        "WATTPROXY_LEDGER_URL": "redis://127.0.0.1:6379/0",  # one underscore: no nesting
+        "WATTPROXY____PORT": "1",
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config({}, "c.yaml", environ=env)
+    assert sorted(info.value.problems) == sorted(
+        [
+            "c.yaml: WATTPROXY_LISTN__PORT: unknown config key listn",
+            "c.yaml: WATTPROXY_LISTEN__PROT: unknown config key listen.prot",
+            "c.yaml: WATTPROXY_METER__DCGM_URL__X: unknown config key meter.dcgm_url.x",
+            "c.yaml: WATTPROXY_UPSTREAMS__0__URL: upstreams is a list: set it whole "
+            "(WATTPROXY_UPSTREAMS='[{name: llm, url: ...}]') or in the file",
+            "c.yaml: WATTPROXY_LEDGER_URL: nested keys take a double underscore: "
+            "WATTPROXY_LEDGER__URL",
+            "c.yaml: WATTPROXY____PORT: not a config key path (WATTPROXY_SECTION__KEY)",
+        ]
+    )
+
+
+def test_env_vars_that_are_not_overrides_are_left_alone() -> None:
+    """Reserved names, names the config itself points at (an upstream's api_key_env, the
+    carbon token_env, admin_token_env) and other WATTPROXY_* names without ``__`` that do not
+    start like a section's key are not config overrides."""
+    env = {
+        "WATTPROXY_ADMIN_TOKEN": "t",
+        "WATTPROXY_CONFIG": "/etc/wattproxy/config.yaml",
+        "WATTPROXY_UNKNOWN": "x",
+        "WATTPROXY_LOG_LEVEL": "sk-upstream",  # looks like log.level, but api_key_env names it
+        "WATTPROXY_CARBON_KEY": "token",
+        "WATTPROXY_BUDGETS__USERS__CAROL__GRAMS_PER_DAY": "5",
+        "WATTPROXY_METER__DEVICES__GPU0__INDEX": "1",
+        "WATTPROXY_ADMIN_TOKEN_ENV": "OTHER_ADMIN_TOKEN",
+    }
+    doc = {
+        "upstreams": [{"name": "llm", "api_key_env": "WATTPROXY_LOG_LEVEL"}],
+        "carbon": {"token_env": "WATTPROXY_CARBON_KEY"},
+    }
+    cfg = parse_config(doc, "c.yaml", environ=env)
+    assert cfg.budgets.users["carol"].grams_per_day == 5
+    assert cfg.meter.devices is not None and cfg.meter.devices["gpu0"].index == 1
+    assert cfg.admin_token_env == "OTHER_ADMIN_TOKEN"
+    assert cfg.log.level == "info"
