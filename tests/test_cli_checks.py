@@ -8,8 +8,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
+from tests.helpers.serve import free_port, wattproxy_serve
 from tests.test_cli import ROOT, WATTPROXY
 
 
@@ -80,3 +82,29 @@ def test_an_env_override_naming_no_key_is_refused(tmp_path: Path) -> None:
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "WATTPROXY_LISTN__PORT: unknown config key listn" in r.stderr
         assert "Traceback" not in r.stderr
+
+
+async def test_serve_warns_at_startup_when_the_redis_ledger_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    """Once only /readyz said so. The warning names the ledger without its password, and
+    the proxy serves all the same (the spool keeps the records)."""
+    port = free_port()  # nothing listens there
+    cfg = {
+        "upstreams": [{"name": "llm", "url": "http://127.0.0.1:9"}],
+        "meter": {"kind": "none"},
+        "ledger": {
+            "url": f"redis://wattproxy:s3cret-pw@127.0.0.1:{port}/0",
+            "spool_path": str(tmp_path / "spool.jsonl"),
+        },
+    }
+    async with (
+        wattproxy_serve(cfg, tmp_path) as served,
+        aiohttp.ClientSession() as s,
+        s.get(served.base + "/healthz") as r,
+    ):
+        assert r.status == 200
+    assert f"WARNING wattproxy: ledger redis://wattproxy:***@127.0.0.1:{port}/0" in served.output
+    assert "unreachable" in served.output
+    assert "s3cret-pw" not in served.output
+    assert "Traceback" not in served.output

@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from proxy.errors import LedgerError
-from proxy.ledger.base import AggregateRow, Ledger
+from proxy.ledger.base import AggregateRow, Ledger, redacted_url
 from proxy.records import RequestRecord, dumps_doc
 
 DEFAULT_KEY_PREFIX = "wp"
@@ -182,7 +182,7 @@ class RedisLedger(Ledger):
                 )
                 client = aioredis.Redis(connection_pool=pool)
             except (ValueError, RedisError) as e:
-                raise LedgerError(f"ledger.url: cannot use {self.url!r}: {e}") from e
+                raise LedgerError(f"ledger.url: cannot use {redacted_url(self.url)!r}: {e}") from e
             self._script = client.register_script(RECORD_SCRIPT)
             self._client = client
         return self._client
