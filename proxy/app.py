@@ -380,9 +380,12 @@ async def readyz(request: web.Request) -> web.Response:
         ledger_ok = False
     devices = parts.meter.devices()
     meter_ok = not devices or parts.sampler.reads > 0
-    ready = all(upstreams.values()) and ledger_ok
+    ready_when = parts.cfg.health.ready_when
+    answering = any if ready_when == "any" else all
+    ready = answering(upstreams.values()) and ledger_ok
     body = {
         "ready": ready,
+        "ready_when": ready_when,
         "upstreams": upstreams,
         "ledger": {
             "backend": parts.ledger.backend,

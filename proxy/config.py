@@ -187,6 +187,12 @@ class MetricsConfig(_Model):
     max_user_labels: int = Field(50, ge=1, le=10_000)
 
 
+class HealthConfig(_Model):
+    #: /readyz with some upstreams down: ``any`` (ready while at least one answers: a load
+    #: balancer in front of this node keeps sending what it can serve) or ``all``
+    ready_when: Literal["any", "all"] = "any"
+
+
 class LogConfig(_Model):
     access_log: bool = False
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -205,6 +211,7 @@ class Config(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> Config:

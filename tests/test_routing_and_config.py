@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import ProxyFactory, proxy_config, url_of
+from tests.test_proxy_openai import closed_port
 
 CHAT_RAW = b'{"model": "%s",  "messages": [{"role": "user", "content": "hi"}]}'
 ANSWER = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1}}'
@@ -130,3 +131,31 @@ async def test_a_non_json_upload_to_a_non_json_endpoint_still_streams_unparsed(
     assert rec.seen == [
         ("/v1/audio/transcriptions", "application/x-www-form-urlencoded", b"not json at all")
     ]
+
+
+@pytest.mark.parametrize(("ready_when", "status"), [(None, 200), ("any", 200), ("all", 503)])
+async def test_readyz_with_one_upstream_up_and_one_down_follows_ready_when(
+    aiohttp_server: Any,
+    make_proxy: ProxyFactory,
+    tmp_path: Path,
+    ready_when: str | None,
+    status: int,
+) -> None:
+    """Default ``any``: a node behind a load balancer can serve while one upstream answers;
+    ``all``: every upstream must answer. The body lists each upstream's state either way."""
+    _, up = await recording(aiohttp_server)
+    sections: dict[str, Any] = {
+        "upstreams": [
+            {"name": "up", "url": url_of(up), "models": ["a"]},
+            {"name": "down", "url": f"http://127.0.0.1:{closed_port()}", "models": ["b"]},
+        ]
+    }
+    if ready_when is not None:
+        sections["health"] = {"ready_when": ready_when}
+    proxy, _ = await make_proxy(proxy_config(url_of(up), tmp_path, **sections))
+    async with aiohttp.ClientSession() as s, s.get(url_of(proxy) + "/readyz") as r:
+        doc = await r.json()
+    assert r.status == status
+    assert doc["ready"] is (status == 200)
+    assert doc["upstreams"] == {"up": True, "down": False}
+    assert doc["ready_when"] == (ready_when or "any")
