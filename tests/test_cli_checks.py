@@ -108,3 +108,16 @@ async def test_serve_warns_at_startup_when_the_redis_ledger_is_unreachable(
     assert "unreachable" in served.output
     assert "s3cret-pw" not in served.output
     assert "Traceback" not in served.output
+
+
+def test_estimate_refuses_an_unknown_task_with_the_known_ones(tmp_path: Path) -> None:
+    """It used to answer for text-generation silently."""
+    r = run("estimate", "--task", "nonsense", "--completion-tokens", "10", cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stdout == ""
+    assert "unknown task 'nonsense'" in r.stderr
+    for task in ("text-generation", "feature-extraction", "text-to-image", "summarization"):
+        assert task in r.stderr
+    assert "Traceback" not in r.stderr
+    ok = run("estimate", "--task", "feature-extraction", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
