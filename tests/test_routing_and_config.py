@@ -159,3 +159,27 @@ async def test_readyz_with_one_upstream_up_and_one_down_follows_ready_when(
     assert doc["ready"] is (status == 200)
     assert doc["upstreams"] == {"up": True, "down": False}
     assert doc["ready_when"] == (ready_when or "any")
+
+
+async def test_prefixes_match_whole_path_segments(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A ``/generate`` prefix takes ``/generate`` and ``/generate/...``, never
+    ``/generate_stream``: that goes to the upstream with the next longest prefix."""
+    only_generate, up_a = await recording(aiohttp_server)
+    rest, up_b = await recording(aiohttp_server)
+    cfg = proxy_config(
+        url_of(up_a),
+        tmp_path,
+        upstreams=[
+            {"name": "generate", "url": url_of(up_a), "prefix": "/generate", "api": "tgi"},
+            {"name": "rest", "url": url_of(up_b), "prefix": "/", "api": "tgi"},
+        ],
+    )
+    proxy, _ = await make_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        for path in ("/generate", "/generate/", "/generate_stream", "/generatex"):
+            async with s.post(url_of(proxy) + path, json={"inputs": "x"}) as r:
+                assert r.status == 200
+    assert [p for p, _, _ in only_generate.seen] == ["/generate", "/generate/"]
+    assert [p for p, _, _ in rest.seen] == ["/generate_stream", "/generatex"]
