@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.config import Config, config_warnings, load_config
+from proxy.config import Config, config_warnings, file_problems, load_config
 from proxy.errors import ConfigError, LedgerError
 
 EXIT_CONFIG = 2
@@ -40,13 +40,25 @@ def _print_problems(err: ConfigError) -> None:
         print(f"  - {problem}", file=sys.stderr)
 
 
+def _check_files(cfg: Config, origin: str) -> None:
+    """What the config names on this machine: the ledger's and spool's folders, the keys file.
+    Raises ``ConfigError`` listing every problem."""
+    problems = [f"{origin}: {p}" for p in file_problems(cfg)]
+    if cfg.identity.keys_file:
+        from proxy.identity import KeyStore
+
+        try:
+            KeyStore.load(cfg.identity.keys_file)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.path)
-        if cfg.identity.keys_file:
-            from proxy.identity import KeyStore
-
-            KeyStore.load(cfg.identity.keys_file)
+        _check_files(cfg, args.path)
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
@@ -65,6 +77,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args.config)
+        _check_files(cfg, _config_path(args.config) or "defaults")
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
@@ -80,6 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     except MeterError as e:
         print(f"wattproxy: meter.kind {cfg.meter.kind!r} cannot start: {e}", file=sys.stderr)
+        return 1
+    except LedgerError as e:
+        print(f"wattproxy: the ledger cannot start: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         print(

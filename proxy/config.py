@@ -377,6 +377,41 @@ def config_warnings(cfg: Config) -> list[str]:
     return [f"carbon.zone: {zone_warning}"] if zone_warning else []
 
 
+def _missing_folder(path: str) -> str | None:
+    """The folder ``path`` would be written in, when it does not exist (never created for it:
+    a typo would otherwise become a new folder, as root in a container)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return None if os.path.isdir(folder) else folder
+
+
+def file_problems(cfg: Config) -> list[str]:
+    """What the config names on this machine that is not there: the SQLite ledger's folder and
+    the spool's. ``check-config`` and ``serve`` check these (relative paths from the working
+    directory); ``parse_config`` does not, so a config can be read anywhere."""
+    from proxy.errors import LedgerError
+    from proxy.ledger.sqlite import SQLiteLedger
+
+    problems = []
+    if urlsplit(cfg.ledger.url).scheme == "sqlite":
+        try:
+            path = SQLiteLedger.from_url(cfg.ledger.url).path
+        except LedgerError as e:
+            problems.append(f"ledger.url: {e}")
+        else:
+            folder = None if path == ":memory:" else _missing_folder(path)
+            if folder:
+                problems.append(
+                    f"ledger.url: the folder {folder} for the SQLite ledger does not exist "
+                    "(create it first)"
+                )
+    folder = _missing_folder(cfg.ledger.spool_path)
+    if folder:
+        problems.append(
+            f"ledger.spool_path: the folder {folder} for the spool does not exist (create it first)"
+        )
+    return problems
+
+
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate ``path`` (or only defaults and env when ``None``)."""
     if path is None:

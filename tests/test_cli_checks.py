@@ -121,3 +121,23 @@ def test_estimate_refuses_an_unknown_task_with_the_known_ones(tmp_path: Path) ->
     assert "Traceback" not in r.stderr
     ok = run("estimate", "--task", "feature-extraction", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_sqlite_ledger_in_a_missing_folder_is_refused_and_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent" / "dir"
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {key_sha256: nothex, user: alice}\n")
+    cfg = write(
+        tmp_path,
+        {"ledger": {"url": f"sqlite:///{missing / 'x.db'}"}, "identity": {"keys_file": str(keys)}},
+    )
+    r = run("check-config", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"ledger.url: the folder {missing} for the SQLite ledger does not exist" in r.stderr
+    assert f"{keys}: keys.0: key_sha256 must be exactly 64 hex digits" in r.stderr  # all at once
+    keys.write_text("keys:\n  - {key: k, user: alice}\n")
+    r = run("serve", "--config", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"ledger.url: the folder {missing} for the SQLite ledger does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not missing.parent.exists()

@@ -12,9 +12,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import config_warnings, parse_config
-from proxy.errors import ConfigError
+from proxy.config import config_warnings, file_problems, parse_config
+from proxy.errors import ConfigError, LedgerError
 from proxy.identity import KeyStore, sha256_hex
+from proxy.ledger.sqlite import SQLiteLedger
 from proxy.routing import Router, shadowed_upstreams
 
 
@@ -236,3 +237,35 @@ def test_env_vars_that_are_not_overrides_are_left_alone() -> None:
     assert cfg.meter.devices is not None and cfg.meter.devices["gpu0"].index == 1
     assert cfg.admin_token_env == "OTHER_ADMIN_TOKEN"
     assert cfg.log.level == "info"
+
+
+# --- ledger.url -----------------------------------------------------------------------------------
+
+
+async def test_the_sqlite_ledger_never_creates_a_missing_folder(tmp_path: Path) -> None:
+    """``sqlite:////nonexistent/dir/x.db`` used to create the folder (as root, in a container)."""
+    ledger = SQLiteLedger.from_url(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+    with pytest.raises(LedgerError) as info:
+        await ledger.open()
+    assert f"{tmp_path / 'missing'}" in str(info.value) and "does not exist" in str(info.value)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_file_problems_name_a_missing_ledger_or_spool_folder(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {
+            "ledger": {
+                "url": f"sqlite:///{tmp_path / 'no' / 'x.db'}",
+                "spool_path": str(tmp_path / "nope" / "spool.jsonl"),
+            }
+        },
+        environ={},
+    )
+    assert file_problems(cfg) == [
+        f"ledger.url: the folder {tmp_path / 'no'} for the SQLite ledger does not exist "
+        "(create it first)",
+        f"ledger.spool_path: the folder {tmp_path / 'nope'} for the spool does not exist "
+        "(create it first)",
+    ]
+    ok = parse_config({"ledger": {"url": f"sqlite:///{tmp_path / 'x.db'}"}}, environ={})
+    assert file_problems(ok) == []
