@@ -56,14 +56,22 @@ def _check_files(cfg: Config, origin: str) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    cfg: Config | None
     try:
         cfg = load_config(args.path)
-        _check_files(cfg, args.path)
-    except ConfigError as err:
-        _print_problems(err)
+    except ConfigError as err:  # a well-formed config with problems still has files to check
+        cfg, problems = err.config, err.problems
+    if cfg is not None:
+        try:
+            _check_files(cfg, args.path)
+        except ConfigError as err:
+            problems = problems + err.problems
+        for warning in config_warnings(cfg):
+            print(f"wattproxy: warning: {warning}", file=sys.stderr)
+    if problems or cfg is None:
+        _print_problems(ConfigError(problems))
         return EXIT_CONFIG
-    for warning in config_warnings(cfg):
-        print(f"wattproxy: warning: {warning}", file=sys.stderr)
     names = ", ".join(
         f"{u.name} ({u.url}{'' if u.prefix == '/' else u.prefix})" for u in cfg.upstreams
     )

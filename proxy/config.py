@@ -354,7 +354,7 @@ def parse_config(
         raise ConfigError(problems + _format_errors(err, origin)) from None
     problems += [f"{origin}: {p}" for p in _semantic_problems(cfg)]
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, config=cfg)
     return cfg
 
 

@@ -141,3 +141,28 @@ def test_a_sqlite_ledger_in_a_missing_folder_is_refused_and_not_created(tmp_path
     assert f"ledger.url: the folder {missing} for the SQLite ledger does not exist" in r.stderr
     assert "Traceback" not in r.stderr
     assert not missing.parent.exists()
+
+
+def test_check_config_lists_every_new_problem_at_once(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {key: k1, user: alice}\n  - {key: k1, user: mallory}\n")
+    cfg = write(
+        tmp_path,
+        {
+            **SHADOWED,
+            "carbon": {"zone": "NOWHERE"},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'missing' / 'x.db'}"},
+            "identity": {"keys_file": str(keys)},
+        },
+    )
+    r = run("check-config", str(cfg), cwd=tmp_path, env={"WATTPROXY_LISTN__PORT": "1"})
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    for problem in (
+        f"{cfg}: WATTPROXY_LISTN__PORT: unknown config key listn",
+        f"{cfg}: upstreams.1: upstream 'second' can never be chosen",
+        f"{cfg}: carbon.zone: 'NOWHERE' is not in the built-in table",
+        f"{cfg}: ledger.url: the folder {tmp_path / 'missing'} for the SQLite ledger",
+        f"{keys}: keys.1: the same key as keys.0",
+    ):
+        assert problem in r.stderr, problem
+    assert "(5 problem(s))" in r.stderr
