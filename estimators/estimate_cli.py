@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-from estimators import llm
+from estimators import llm, priors
 from estimators.carbon.base import Intensity
 from estimators.carbon.clock import fallback_intensity
 from estimators.carbon.table import table_intensity
@@ -36,6 +36,15 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _task(text: str) -> str:
+    """A task the priors know; anything else is refused (it used to become text-generation)."""
+    if text not in priors.known_tasks():
+        raise argparse.ArgumentTypeError(
+            f"unknown task {text!r}; known tasks: {', '.join(priors.known_tasks())}"
+        )
+    return text
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0.0:
@@ -54,7 +63,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "the model's size and the tokens, and say on what basis."
         ),
     )
-    p.add_argument("--task", default=DEFAULT_TASK, help="pipeline tag (default %(default)s)")
+    p.add_argument(
+        "--task",
+        type=_task,
+        default=DEFAULT_TASK,
+        help=f"pipeline tag, one of {', '.join(priors.known_tasks())} (default %(default)s)",
+    )
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model-path", help="local model folder; its config.json is counted")
     model.add_argument("--params-b", type=_positive_float, help="parameters, in billions")

@@ -43,6 +43,11 @@ ALIASES: dict[str, str] = {
 DEFAULT_TASK = "text-generation"
 
 
+def known_tasks() -> list[str]:
+    """The tasks with a figure of their own or borrowed (``ALIASES``), sorted."""
+    return sorted({*KWH_PER_1000, *ALIASES})
+
+
 @dataclass(frozen=True, slots=True)
 class PriorEstimate:
     energy_j: float

@@ -37,7 +37,7 @@ from proxy.errors import ProxyError
 from proxy.forward import BudgetCheck, Forwarder, check_framing, check_target, json_error
 from proxy.headers import request_id
 from proxy.identity import IdentityResolver, KeyStore
-from proxy.ledger.base import Ledger, open_ledger
+from proxy.ledger.base import Ledger, open_ledger, redacted_url
 from proxy.ledger.spool import Spool
 from proxy.ledger.writer import LedgerWriter
 from proxy.metrics import Metrics, metrics_handler
@@ -52,6 +52,8 @@ log = logging.getLogger("wattproxy")
 ACCESS_LOGGER = "wattproxy.access"
 #: Seconds a /readyz upstream probe may take.
 READY_PROBE_TIMEOUT_S = 1.0
+#: Seconds the startup check waits for the ledger to answer before warning.
+LEDGER_STARTUP_PING_S = 3.0
 #: Bytes of one request header line (name and value) and headers per request; past them the
 #: request is refused with 400 before any handler runs (aiohttp's parser enforces both).
 MAX_HEADER_FIELD_BYTES = 8190
@@ -314,6 +316,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     parts = app[PARTS]
     cfg = parts.cfg
     await parts.ledger.open()
+    await _warn_if_ledger_down(parts.ledger, cfg)
     for upstream in cfg.upstreams:
         parts.sessions[upstream.name] = _session(upstream)
     loaded = await _load_counters(parts.counters)
@@ -336,6 +339,23 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await parts.writer.flush()
     await parts.ledger.close()
     await asyncio.to_thread(parts.meter.close)
+
+
+async def _warn_if_ledger_down(ledger: Ledger, cfg: Config) -> None:
+    """Say at startup, not only on /readyz, that the ledger does not answer; the proxy serves
+    all the same and the spool keeps the records until it does."""
+    try:
+        async with asyncio.timeout(LEDGER_STARTUP_PING_S):
+            ok = await ledger.ping()
+    except Exception:  # a timeout, or anything the backend raised: it is not answering
+        ok = False
+    if not ok:
+        log.warning(
+            "ledger %s is unreachable at startup; serving anyway, records are spooled to %s "
+            "until it answers (see /readyz)",
+            redacted_url(cfg.ledger.url),
+            cfg.ledger.spool_path,
+        )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -368,9 +388,12 @@ async def readyz(request: web.Request) -> web.Response:
         ledger_ok = False
     devices = parts.meter.devices()
     meter_ok = not devices or parts.sampler.reads > 0
-    ready = all(upstreams.values()) and ledger_ok
+    ready_when = parts.cfg.health.ready_when
+    answering = any if ready_when == "any" else all
+    ready = answering(upstreams.values()) and ledger_ok
     body = {
         "ready": ready,
+        "ready_when": ready_when,
         "upstreams": upstreams,
         "ledger": {
             "backend": parts.ledger.backend,

@@ -14,11 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.config import Config, load_config
+from proxy.config import Config, config_warnings, file_problems, load_config
 from proxy.errors import ConfigError, LedgerError
 
 EXIT_CONFIG = 2
 DEFAULT_CONFIG = "config.yaml"
+
+log = logging.getLogger("wattproxy")
 
 
 def _config_path(path: str | None) -> str | None:
@@ -38,15 +40,37 @@ def _print_problems(err: ConfigError) -> None:
         print(f"  - {problem}", file=sys.stderr)
 
 
+def _check_files(cfg: Config, origin: str) -> None:
+    """What the config names on this machine: the ledger's and spool's folders, the keys file.
+    Raises ``ConfigError`` listing every problem."""
+    problems = [f"{origin}: {p}" for p in file_problems(cfg)]
+    if cfg.identity.keys_file:
+        from proxy.identity import KeyStore
+
+        try:
+            KeyStore.load(cfg.identity.keys_file)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    cfg: Config | None
     try:
         cfg = load_config(args.path)
-        if cfg.identity.keys_file:
-            from proxy.identity import KeyStore
-
-            KeyStore.load(cfg.identity.keys_file)
-    except ConfigError as err:
-        _print_problems(err)
+    except ConfigError as err:  # a well-formed config with problems still has files to check
+        cfg, problems = err.config, err.problems
+    if cfg is not None:
+        try:
+            _check_files(cfg, args.path)
+        except ConfigError as err:
+            problems = problems + err.problems
+        for warning in config_warnings(cfg):
+            print(f"wattproxy: warning: {warning}", file=sys.stderr)
+    if problems or cfg is None:
+        _print_problems(ConfigError(problems))
         return EXIT_CONFIG
     names = ", ".join(
         f"{u.name} ({u.url}{'' if u.prefix == '/' else u.prefix})" for u in cfg.upstreams
@@ -61,9 +85,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args.config)
+        _check_files(cfg, _config_path(args.config) or "defaults")
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
+    for warning in config_warnings(cfg):
+        log.warning("%s", warning)
     from estimators.errors import MeterError
     from proxy.server import serve
 
@@ -74,6 +101,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     except MeterError as e:
         print(f"wattproxy: meter.kind {cfg.meter.kind!r} cannot start: {e}", file=sys.stderr)
+        return 1
+    except LedgerError as e:
+        print(f"wattproxy: the ledger cannot start: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         print(

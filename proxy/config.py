@@ -3,20 +3,24 @@ problem is reported with its key path (``upstreams.0.url: ...``).
 
 Env overrides nest with double underscores: ``WATTPROXY_LISTEN__PORT=9000``,
 ``WATTPROXY_LEDGER__URL=redis://...``; values are read as YAML scalars (numbers, booleans, lists).
+An override that names no key is a problem like any other (``_env_key_path`` has the rule).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from estimators.carbon.factory import zone_findings
 from proxy.errors import ConfigError
+from proxy.routing import shadowed_upstreams
 
 ENV_PREFIX = "WATTPROXY_"
 #: Env vars that are not config keys.
@@ -185,6 +189,12 @@ class MetricsConfig(_Model):
     max_user_labels: int = Field(50, ge=1, le=10_000)
 
 
+class HealthConfig(_Model):
+    #: /readyz with some upstreams down: ``any`` (ready while at least one answers: a load
+    #: balancer in front of this node keeps sending what it can serve) or ``all``
+    ready_when: Literal["any", "all"] = "any"
+
+
 class LogConfig(_Model):
     access_log: bool = False
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -203,6 +213,7 @@ class Config(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
@@ -215,12 +226,92 @@ class Config(_Model):
         return self
 
 
-def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def _field_kind(annotation: Any) -> tuple[str, Any]:
+    """What an env override may name below a field: ``("model", M)``, ``("dict", value
+    annotation)`` (free keys: users, devices), ``("list", None)`` or ``("value", None)``."""
+    union = get_origin(annotation) in (Union, UnionType)
+    for a in get_args(annotation) if union else (annotation,):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return "model", a
+        if get_origin(a) is dict:
+            return "dict", get_args(a)[1]
+        if get_origin(a) is list:
+            return "list", None
+    return "value", None
+
+
+def env_key_problem(path: Sequence[str]) -> str | None:
+    """Why the lower-case key path of an env override names no config key (None: it does)."""
+    if not path or not all(path):
+        return f"not a config key path ({ENV_PREFIX}SECTION__KEY)"
+    kind, inner = "model", Config
+    for depth, key in enumerate(path):
+        here = ".".join(path[: depth + 1])
+        if kind == "model":
+            field = inner.model_fields.get(key)
+            if field is None:
+                return f"unknown config key {here}"
+            kind, inner = _field_kind(field.annotation)
+        elif kind == "dict":  # a name of the user's choosing (a user, a device)
+            kind, inner = _field_kind(inner)
+        elif kind == "list":
+            above = ".".join(path[:depth])
+            return (
+                f"{above} is a list: set it whole ({ENV_PREFIX}{above.upper()}='[{{name: llm, "
+                "url: ...}]') or in the file"
+            )
+        else:
+            return f"unknown config key {here}"
+    return None
+
+
+def _named_env_vars(data: dict[str, Any]) -> set[str]:
+    """Env vars the config itself names (secrets it reads): never overrides of its keys."""
+    names = {data.get("admin_token_env")}
+    upstreams = data.get("upstreams")
+    for u in upstreams if isinstance(upstreams, list) else ():
+        if isinstance(u, dict):
+            names.add(u.get("api_key_env"))
+    carbon = data.get("carbon")
+    if isinstance(carbon, dict):
+        names.add(carbon.get("token_env"))
+    return {n for n in names if isinstance(n, str)}
+
+
+def _env_key_path(name: str, named: set[str]) -> tuple[list[str] | None, str | None]:
+    """``(key path, problem)`` of a ``WATTPROXY_*`` env var; ``(None, None)`` when it is no
+    override. An override nests with ``__`` or names a top-level key; other names (reserved
+    ones, secrets the config names, anything else without ``__``) are not overrides, except
+    a section and one of its keys joined by a single ``_``, a likely slip."""
+    if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED or name in named:
+        return None, None
+    rest = name[len(ENV_PREFIX) :].lower()
+    if "__" in rest:
+        path = rest.split("__")
+        return path, env_key_problem(path)
+    if rest in Config.model_fields:
+        return [rest], None
+    for section, field in Config.model_fields.items():
+        kind, model = _field_kind(field.annotation)
+        key = rest.removeprefix(section + "_")
+        if kind == "model" and key != rest and key in model.model_fields:
+            hint = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+            return None, f"nested keys take a double underscore: {hint}"
+    return None, None
+
+
+def _env_overrides(
+    data: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], list[str]]:
+    """``data`` with the ``WATTPROXY_*`` overrides applied, and the env vars that look like
+    overrides but name no config key (``NAME: problem``)."""
+    named = _named_env_vars(data)
+    problems: list[str] = []
     for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
-        if not path or path[0] not in Config.model_fields:
+        path, problem = _env_key_path(name, named)
+        if problem is not None:
+            problems.append(f"{name}: {problem}")
+        if path is None or problem is not None:
             continue
         node: Any = data
         for key in path[:-1]:
@@ -233,7 +324,7 @@ def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str
             node[path[-1]] = yaml.safe_load(raw) if raw else raw
         except yaml.YAMLError:
             node[path[-1]] = raw
-    return data
+    return data, problems
 
 
 def _format_errors(err: ValidationError, origin: str) -> list[str]:
@@ -257,11 +348,70 @@ def parse_config(
         raise ConfigError(
             [f"{origin}: the top level must be a mapping of keys, not {type(data).__name__}"]
         )
-    data = _env_overrides(dict(data), os.environ if environ is None else environ)
+    data, env_problems = _env_overrides(dict(data), os.environ if environ is None else environ)
+    problems = [f"{origin}: {p}" for p in env_problems]
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origin)) from None
+        raise ConfigError(problems + _format_errors(err, origin)) from None
+    problems += [f"{origin}: {p}" for p in _semantic_problems(cfg)]
+    if problems:
+        raise ConfigError(problems, config=cfg)
+    return cfg
+
+
+def _semantic_problems(cfg: Config) -> list[str]:
+    """What a well-formed config can still get wrong: upstreams that can never be chosen, a
+    carbon zone the static table lacks."""
+    problems = shadowed_upstreams(cfg.upstreams)
+    c = cfg.carbon
+    zone_problem, _ = zone_findings(c.provider, c.zone, c.intensity_g_per_kwh)
+    if zone_problem:
+        problems.append(f"carbon.zone: {zone_problem}")
+    return problems
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What works but likely not as meant (``check-config`` prints these, ``serve`` logs them):
+    a live provider's zone whose fallback would be the world average."""
+    c = cfg.carbon
+    _, zone_warning = zone_findings(c.provider, c.zone, c.intensity_g_per_kwh)
+    return [f"carbon.zone: {zone_warning}"] if zone_warning else []
+
+
+def _missing_folder(path: str) -> str | None:
+    """The folder ``path`` would be written in, when it does not exist (never created for it:
+    a typo would otherwise become a new folder, as root in a container)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return None if os.path.isdir(folder) else folder
+
+
+def file_problems(cfg: Config) -> list[str]:
+    """What the config names on this machine that is not there: the SQLite ledger's folder and
+    the spool's. ``check-config`` and ``serve`` check these (relative paths from the working
+    directory); ``parse_config`` does not, so a config can be read anywhere."""
+    from proxy.errors import LedgerError
+    from proxy.ledger.sqlite import SQLiteLedger
+
+    problems = []
+    if urlsplit(cfg.ledger.url).scheme == "sqlite":
+        try:
+            path = SQLiteLedger.from_url(cfg.ledger.url).path
+        except LedgerError as e:
+            problems.append(f"ledger.url: {e}")
+        else:
+            folder = None if path == ":memory:" else _missing_folder(path)
+            if folder:
+                problems.append(
+                    f"ledger.url: the folder {folder} for the SQLite ledger does not exist "
+                    "(create it first)"
+                )
+    folder = _missing_folder(cfg.ledger.spool_path)
+    if folder:
+        problems.append(
+            f"ledger.spool_path: the folder {folder} for the spool does not exist (create it first)"
+        )
+    return problems
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:

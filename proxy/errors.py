@@ -28,9 +28,14 @@ class WattproxyError(Exception):
 
 
 class ConfigError(WattproxyError):
-    def __init__(self, problems: list[str]) -> None:
+    """Every problem of a config, each with its key path. ``config`` is the config as read
+    when only checks beyond its shape failed, so ``check-config`` can go on to the files it
+    names and list those problems too."""
+
+    def __init__(self, problems: list[str], config: Any = None) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.config = config
 
 
 class LedgerError(WattproxyError):

@@ -37,7 +37,7 @@ from proxy.records import RequestRecord, utc_now_iso
 from proxy.routing import Router
 from proxy.tasks import OTHER, task_for
 from proxy.tokens import TokenCounter, estimate_tokens
-from proxy.usage import for_api, upload_probe
+from proxy.usage import for_api, json_endpoint, upload_probe
 from proxy.usage.base import (
     BodyUsage,
     RequestPlan,
@@ -285,7 +285,11 @@ class Forwarder:
         doc: Any = None
         planned_api: str | None = None
         if request.method in BODY_METHODS and request.body_exists:
-            if is_json(request.content_type):
+            ctype = request.content_type
+            if is_json(ctype) or (  # a JSON endpoint's body is JSON, whatever the client said
+                not ctype.startswith("multipart/")
+                and any(json_endpoint(u.api, path) for u in self.router.candidates(path))
+            ):
                 body = await read_limited(request, limit, read_timeout_s)
                 data = body
                 try:

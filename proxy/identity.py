@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from proxy.errors import ConfigError, Unauthorized
 
 ANONYMOUS = "anonymous"
 KEY_ID_CHARS = 12
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class KeyStore:
         if not isinstance(keys, list):
             raise ConfigError([f"{p}: keys: expected a list of {{key_sha256|key, user, team}}"])
         entries: dict[str, Identity] = {}
+        first_at: dict[str, int] = {}  # digest -> the entry that named it first
         problems = []
         for i, entry in enumerate(keys):
             where = f"{p}: keys.{i}"
@@ -72,10 +75,23 @@ class KeyStore:
             digest = entry.get("key_sha256")
             if digest is None and isinstance(entry.get("key"), str):
                 digest = sha256_hex(entry["key"])
-            if not isinstance(digest, str) or len(digest) != 64:
+            if digest is None:
                 problems.append(f"{where}: needs 'key_sha256' (64 hex digits) or 'key'")
                 continue
+            if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+                problems.append(
+                    f"{where}: key_sha256 must be exactly 64 hex digits (the sha256 of the key)"
+                )
+                continue
             digest = digest.lower()
+            if digest in first_at:  # the later entry would win: one user logs in as another
+                j = first_at[digest]
+                problems.append(
+                    f"{where}: the same key as keys.{j} (user {entries[digest].user!r}); "
+                    "each key must name one user"
+                )
+                continue
+            first_at[digest] = i
             team = entry.get("team")
             entries[digest] = Identity(
                 entry["user"], team if isinstance(team, str) else None, digest[:KEY_ID_CHARS]

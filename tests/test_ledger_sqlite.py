@@ -40,6 +40,7 @@ async def test_get_returns_the_stored_record(ledger: SQLiteLedger) -> None:
 
 async def test_records_survive_reopening(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "ledger.db"
+    path.parent.mkdir()  # the ledger never creates its folder
     first = SQLiteLedger(str(path))
     await first.open()
     await first.write([record("keep-1", co2e_g=0.25), record("keep-2", co2e_g=0.5)])

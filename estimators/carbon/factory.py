@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from estimators.carbon import ukgrid, watttime
 from estimators.carbon.base import IntensityProvider
 from estimators.carbon.electricitymaps import DEFAULT_TOKEN_ENV, ElectricityMapsProvider
-from estimators.carbon.table import StaticIntensity
+from estimators.carbon.table import StaticIntensity, has_zone, zones
 from estimators.carbon.ukgrid import ZONES as UK_ZONES
 from estimators.carbon.ukgrid import UKCarbonIntensityProvider
 from estimators.carbon.watttime import DEFAULT_PASSWORD_ENV, DEFAULT_USER_ENV, WattTimeProvider
@@ -23,6 +24,41 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("static", "electricitymaps", "uk-carbon-intensity", "watttime")
+#: Live providers with zone codes of their own: the table zone each falls back to.
+TABLE_ZONES: dict[str, Callable[[str], str]] = {
+    "uk-carbon-intensity": ukgrid.table_zone,
+    "watttime": watttime.table_zone,
+}
+ZONES_FILE = "estimators/carbon/zones.csv"
+
+
+def zone_findings(
+    provider: str, zone: str, fixed_g_per_kwh: float | None
+) -> tuple[str | None, str | None]:
+    """``(problem, warning)`` about ``carbon.zone``. The static provider needs a zone of the
+    table (unless a fixed figure makes the zone a label). A live provider takes its own zone
+    codes, so an unknown one is only a warning, and only when its fallback would be the world
+    average: the table holds neither the zone nor its country, and no fixed figure is set."""
+    if fixed_g_per_kwh is not None:
+        return None, None
+    if provider == "static":
+        if has_zone(zone):
+            return None, None
+        return (
+            f"{zone!r} is not in the built-in table ({ZONES_FILE}); known zones: "
+            f"{', '.join(zones())}; or set carbon.intensity_g_per_kwh",
+            None,
+        )
+    if provider == "uk-carbon-intensity" and zone.upper() not in UK_ZONES:
+        return None, f"{zone!r}: uk-carbon-intensity covers GB only; the table answers for it"
+    table_zone = TABLE_ZONES.get(provider, str)(zone)
+    if has_zone(table_zone) or has_zone(table_zone.split("-", 1)[0]):
+        return None, None
+    return None, (
+        f"{zone!r}: when {provider} cannot answer, the fallback is the world average "
+        f"(the built-in table, {ZONES_FILE}, holds neither {table_zone!r} nor its country); "
+        "set carbon.intensity_g_per_kwh for a better fallback"
+    )
 
 
 def watttime_credentials(

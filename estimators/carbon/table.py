@@ -27,6 +27,10 @@ def zones() -> list[str]:
     return sorted(_table())
 
 
+def has_zone(zone: str) -> bool:
+    return zone.upper() in _table()
+
+
 def table_intensity(zone: str) -> Intensity:
     """The table's figure for ``zone``. Raises ``CarbonError`` for a zone it does not hold."""
     entry = _table().get(zone.upper())

@@ -18,6 +18,11 @@ from estimators.errors import CarbonError
 ZONES = frozenset(("GB", "UK"))
 
 
+def table_zone(zone: str) -> str:
+    """The table zone this provider falls back to: GB for its own zones."""
+    return "GB" if zone.upper() in ZONES else zone
+
+
 class UKCarbonIntensityProvider(LiveProvider):
     """Great Britain's national carbon intensity for the current half hour."""
 
@@ -28,7 +33,7 @@ class UKCarbonIntensityProvider(LiveProvider):
         super().__init__(base_url, **kwargs)
 
     def fallback_zone(self, zone: str) -> str:
-        return "GB" if zone.upper() in ZONES else zone
+        return table_zone(zone)
 
     async def fetch(self, zone: str) -> Intensity:
         if zone.upper() not in ZONES:

@@ -51,6 +51,11 @@ REGION_ZONES: dict[str, str] = {
 }
 
 
+def table_zone(region: str) -> str:
+    """The table zone a WattTime region falls back to (its balancing authority, else itself)."""
+    return REGION_ZONES.get(region.upper().split("_", 1)[0], region)
+
+
 def basic_auth(username: str, password: str) -> str:
     """An ``Authorization`` header value for HTTP basic auth (RFC 7617, UTF-8)."""
     raw = f"{username}:{password}".encode()
@@ -86,8 +91,7 @@ class WattTimeProvider(LiveProvider):
         self._token_at = 0.0
 
     def fallback_zone(self, zone: str) -> str:
-        prefix = zone.upper().split("_", 1)[0]
-        return REGION_ZONES.get(prefix, zone)
+        return table_zone(zone)
 
     async def _login(self) -> str:
         if not self._username or not self._password:

@@ -115,6 +115,16 @@ class Ledger(abc.ABC):
         return True
 
 
+def redacted_url(url: str) -> str:
+    """``url`` fit for a log: a password in it becomes ``***`` (the user name stays)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{hostport}").geturl()
+
+
 def open_ledger(url: str, retention_days: int = 90) -> Ledger:
     """The backend for ``ledger.url``: ``sqlite:///path``, ``redis://`` / ``rediss://``."""
     scheme = urlsplit(url).scheme

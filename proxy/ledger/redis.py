@@ -49,7 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from proxy.errors import LedgerError
-from proxy.ledger.base import AggregateRow, Ledger, PeriodLimit, Refusal
+from proxy.ledger.base import AggregateRow, Ledger, PeriodLimit, Refusal, redacted_url
 from proxy.records import RequestRecord, dumps_doc
 
 DEFAULT_KEY_PREFIX = "wp"
@@ -309,7 +309,7 @@ class RedisLedger(Ledger):
                 )
                 client = aioredis.Redis(connection_pool=pool)
             except (ValueError, RedisError) as e:
-                raise LedgerError(f"ledger.url: cannot use {self.url!r}: {e}") from e
+                raise LedgerError(f"ledger.url: cannot use {redacted_url(self.url)!r}: {e}") from e
             self._script = client.register_script(RECORD_SCRIPT)
             self._team_script = client.register_script(TEAM_RECORD_SCRIPT)
             self._reserve_script = client.register_script(RESERVE_SCRIPT)

@@ -82,9 +82,12 @@ class SQLiteLedger(Ledger):
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
+            folder = Path(self.path).absolute().parent
+            if self.path != ":memory:" and not folder.is_dir():  # never created for the ledger
+                raise LedgerError(
+                    f"ledger.url: the folder {folder} for the SQLite ledger does not exist"
+                )
             try:
-                if self.path != ":memory:":
-                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, check_same_thread=False, timeout=5.0)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")

@@ -7,6 +7,9 @@ for a streamed response, or None if the content type is not one it streams),
 ``body(path, doc) -> Usage`` (usage of a whole JSON response), and
 ``headers(path, headers) -> Usage | None`` (counts a server puts in response headers).
 
+``json_endpoint(api, path)`` says whether an API reads ``path``'s request body as JSON, so the
+proxy parses it (and routes it by its ``model``) whatever Content-Type the client sent.
+
 ``upload_probe(content_type)`` watches a streamed non-JSON upload (a multipart audio file).
 """
 
@@ -38,6 +41,7 @@ __all__ = [
     "UploadProbe",
     "Usage",
     "for_api",
+    "json_endpoint",
     "parse_json",
     "upload_probe",
 ]
@@ -53,6 +57,8 @@ class ApiUsage:
     stream: Callable[[str, str, RequestPlan, bool], StreamUsage | None]
     body: Callable[[str, Any], Usage]
     headers: Callable[[str, Mapping[str, str]], Usage | None] = _no_headers
+    #: paths whose request body is JSON whatever the Content-Type says
+    json_paths: frozenset[str] = frozenset()
 
 
 def _generic_plan(path: str, doc: Any) -> RequestPlan:
@@ -70,11 +76,34 @@ def _no_body(path: str, doc: Any) -> Usage:
     return Usage()
 
 
-OPENAI = ApiUsage(openai.plan_openai_request, openai.stream_parser, openai.usage_from_body)
+OPENAI = ApiUsage(
+    openai.plan_openai_request,
+    openai.stream_parser,
+    openai.usage_from_body,
+    json_paths=openai.JSON_PATHS,
+)
+#: a generic server's paths are unknown: its bodies are JSON when their Content-Type says so
 GENERIC = ApiUsage(_generic_plan, _no_stream, _no_body)
-TGI = ApiUsage(tgi.plan_request, tgi.stream_parser, tgi.usage_from_body, tgi.usage_from_headers)
-TEI = ApiUsage(tei.plan_request, tei.stream_parser, tei.usage_from_body, tei.usage_from_headers)
-OLLAMA = ApiUsage(ollama.plan_request, ollama.stream_parser, ollama.usage_from_body)
+TGI = ApiUsage(
+    tgi.plan_request,
+    tgi.stream_parser,
+    tgi.usage_from_body,
+    tgi.usage_from_headers,
+    json_paths=tgi.JSON_PATHS,
+)
+TEI = ApiUsage(
+    tei.plan_request,
+    tei.stream_parser,
+    tei.usage_from_body,
+    tei.usage_from_headers,
+    json_paths=tei.JSON_PATHS,
+)
+OLLAMA = ApiUsage(
+    ollama.plan_request,
+    ollama.stream_parser,
+    ollama.usage_from_body,
+    json_paths=ollama.JSON_PATHS,
+)
 
 #: upstreams[].api -> its usage capture
 APIS: dict[str, ApiUsage] = {
@@ -88,3 +117,10 @@ APIS: dict[str, ApiUsage] = {
 
 def for_api(api: str) -> ApiUsage:
     return APIS.get(api, GENERIC)
+
+
+def json_endpoint(api: str, path: str) -> bool:
+    """Whether ``api`` reads ``path``'s request body as JSON: such a body is parsed (and routed
+    by its ``model``) whatever Content-Type the client sent (curl's ``-d`` sends
+    ``application/x-www-form-urlencoded``)."""
+    return (path.rstrip("/") or "/") in for_api(api).json_paths

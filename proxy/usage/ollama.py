@@ -27,6 +27,11 @@ from proxy.usage.base import (
 
 NDJSON_TYPES = frozenset(("application/x-ndjson", "application/jsonl", "application/json-seq"))
 GENERATE_PATHS = frozenset(("/api/generate", "/api/chat"))
+#: Paths whose request body is JSON, whatever Content-Type the client sent.
+JSON_PATHS = (
+    frozenset((*GENERATE_PATHS, "/api/embed", "/api/embeddings", "/api/show", "/v1/embeddings"))
+    | openai.STREAM_USAGE_PATHS
+)
 #: Final-object durations, in nanoseconds on the wire, recorded in seconds.
 DURATIONS_NS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
 NS_PER_S = 1e9

@@ -38,6 +38,33 @@ STREAM_USAGE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 #: ``stream_options`` that decide whether a stream carries usage (vLLM adds the second).
 _USAGE_OPTIONS = ("include_usage", "continuous_usage_stats")
 EVENT_STREAM_PATHS = frozenset(("/v1/responses", "/v1/messages"))
+#: Paths whose request body is JSON, whatever Content-Type the client sent (multipart uploads,
+#: transcriptions and image edits, are not among them).
+JSON_PATHS = frozenset(
+    (
+        *STREAM_USAGE_PATHS,
+        *EVENT_STREAM_PATHS,
+        "/v1/messages/count_tokens",
+        "/v1/embeddings",
+        "/v1/images/generations",
+        "/v1/audio/speech",
+        "/v1/moderations",
+        "/v1/rerank",
+        "/v2/rerank",
+        "/rerank",
+        "/v1/score",
+        "/score",
+        "/v1/classify",
+        "/classify",
+        "/pooling",
+        "/tokenize",
+        "/detokenize",
+        # llama.cpp server's native routes
+        "/completion",
+        "/embedding",
+        "/infill",
+    )
+)
 WAV_TYPES = frozenset(("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"))
 #: Streamed text kept for counting with a tokenizer when the server sends no usage.
 MAX_COLLECTED_TEXT = 1024 * 1024

@@ -18,6 +18,21 @@ from estimators.units import parse_count
 from proxy.usage import openai
 from proxy.usage.base import RequestPlan, StreamUsage, Usage
 
+#: Paths whose request body is JSON, whatever Content-Type the client sent.
+JSON_PATHS = frozenset(
+    (
+        "/embed",
+        "/embed_all",
+        "/embed_sparse",
+        "/rerank",
+        "/predict",
+        "/similarity",
+        "/tokenize",
+        "/decode",
+        "/v1/embeddings",
+    )
+)
+
 
 def _texts(value: Any) -> list[str]:
     """``inputs``: a string, a list of strings, or a list of pairs (``/predict``)."""

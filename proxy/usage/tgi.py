@@ -29,6 +29,10 @@ from proxy.usage.base import (
 )
 
 STREAM_PATHS = frozenset(("/generate_stream",))
+#: Paths whose request body is JSON, whatever Content-Type the client sent.
+JSON_PATHS = frozenset(
+    ("/", "/generate", *STREAM_PATHS, "/tokenize", "/chat_tokenize", *openai.STREAM_USAGE_PATHS)
+)
 _TOKEN = re.compile(rb'"token"\s*:\s*\{')
 _FINAL = re.compile(rb'"generated_text"\s*:\s*"|"details"\s*:\s*\{')
 
