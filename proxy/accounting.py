@@ -4,6 +4,11 @@ engine, exports the device and request metrics, and passes each final record to 
 
 A request is ``measured`` when every interval of its life on its devices was read; it is
 ``estimated`` (never zero) when its upstream has no metered device or the meter failed meanwhile.
+
+A request whose client left before its generation was complete may still be computed by its
+server (llama.cpp finishes the slot's generation): it stays in flight, and its record open,
+while its expected remaining work is done (``estimators.attribution.abort_linger``), so that
+energy is not charged to the requests queued behind it.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from estimators.attribution import AttributionEngine, Flight
-from estimators.estimator import Estimator, RequestShape
+from estimators.attribution import AttributionEngine, Flight, Linger, abort_linger
+from estimators.estimator import LLM_TASKS, Estimator, RequestShape
 from estimators.meters.base import Reading
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord, utc_now_iso
@@ -31,6 +36,9 @@ DOWN_AFTER_S = 5.0
 MAX_MODEL_CHARS = 256
 #: Outcomes where the upstream never got the request: nothing to estimate.
 NOT_SERVED = frozenset(("upstream_unavailable", "payload_too_large", "client_timeout"))
+#: Outcomes where the client left (or the proxy stopped it) while the upstream had the request:
+#: its server may go on computing it.
+ABORTED = frozenset(("client_disconnect", "cancelled"))
 
 
 @dataclass(slots=True)
@@ -40,6 +48,7 @@ class OpenRequest:
     devices: tuple[str, ...]
     t_start_s: float
     t_first_byte_s: float | None = None
+    t_last_token_s: float | None = None
     ended: bool = False
 
 
@@ -135,8 +144,10 @@ class Accountant:
                 self.engine.first_byte(req.record.request_id, now)
 
     def tokens(self, req: OpenRequest, count: int) -> None:
-        if req.devices and count:
-            self.engine.tokens(req.record.request_id, count)
+        if count:
+            req.t_last_token_s = self.clock()
+            if req.devices:
+                self.engine.tokens(req.record.request_id, count)
 
     def end(self, req: OpenRequest, status: int, usage: Usage, outcome: str = "ok") -> None:
         """The response is over (or broke off): close its timing and wait for the meter."""
@@ -183,12 +194,33 @@ class Accountant:
         if not req.devices:
             self._finalize(req, None)
             return
+        linger = self._linger(req, shape, usage) if outcome in ABORTED else None
         if usage.prompt_tokens is not None:
             self.engine.set_prompt_tokens(rec.request_id, usage.prompt_tokens)
         self._change_load(req.devices, rec.task, -1, now)
-        flight = self.engine.end(rec.request_id, now)
+        flight = self.engine.end(rec.request_id, now, linger)
         if flight is not None and flight.final:
             self._finalize(req, flight)
+
+    def _linger(self, req: OpenRequest, shape: RequestShape, usage: Usage) -> Linger | None:
+        """The work an aborted generation still has ahead on its server, if any: none once it
+        was complete (a non-streamed answer had arrived, or the server's final usage had)."""
+        if req.record.task not in LLM_TASKS:
+            return None
+        flight = self.engine.flight(req.record.request_id)
+        if flight is None:
+            return None
+        if req.t_first_byte_s is not None and (
+            not flight.profile.token_stream
+            or (usage.tokens_source == "server" and usage.completion_tokens is not None)
+        ):
+            return None
+        return abort_linger(
+            flight.decoded_tokens,
+            self.estimator.expected_completion_tokens(shape),
+            req.t_first_byte_s,
+            req.t_last_token_s,
+        )
 
     def provisional(self, request_id: str) -> RequestRecord | None:
         """The record as it stands, with the energy attributed so far (``final`` false)."""
@@ -290,11 +322,21 @@ class Accountant:
             rec.basis = "no inference" if rec.task == OTHER else "not served upstream"
         elif flight is not None and flight.gaps == 0:
             rec.energy_j, rec.co2e_g, rec.source = flight.energy_j, flight.co2e_g, "measured"
-            rec.basis = "measured"
-            self.estimator.observe(req.shape, flight.energy_j)
-            error = self.estimator.last_relative_error()
-            if error is not None:
-                self.metrics.estimator_error.observe(error)
+            lingered_s = flight.lingered_s
+            if lingered_s > 0.0:
+                # its energy includes tokens nobody counted: not a sample for calibration
+                rec.basis = (
+                    "measured; the client left before its generation was complete, so it is "
+                    f"charged until its expected remaining work was done ({lingered_s:.1f} s "
+                    "after it ended)"
+                )
+                rec.extra["linger_s"] = round(lingered_s, 3)
+            else:
+                rec.basis = "measured"
+                self.estimator.observe(req.shape, flight.energy_j)
+                error = self.estimator.last_relative_error()
+                if error is not None:
+                    self.metrics.estimator_error.observe(error)
         else:
             estimate = self.estimator.estimate(req.shape)
             rec.energy_j = estimate.energy_j
