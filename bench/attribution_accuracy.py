@@ -231,7 +231,7 @@ def run_engine(
         elif order == FIRST_BYTE:
             engine.first_byte(req.rid, t)
         elif order == TOKEN:
-            engine.tokens(req.rid, 1)
+            engine.tokens(req.rid, 1, t)
         elif req.abort_s is not None and linger:
             # as proxy.accounting: the estimator's expected length, the speed it streamed at
             seen = req.seen_token_times_s

@@ -15,7 +15,9 @@ estimator only sets the proportions; the meter sets the total.
 A request aborted by its client may still be computed by its server (llama.cpp finishes the
 generation of a slot whose client left): it can *linger* after its end, weighed at the decode
 speed it streamed at, until its expected remaining work is done (``abort_linger``), its device
-goes quiet, or ``MAX_LINGER_S`` has passed; its record is final only then.
+goes quiet, or ``MAX_LINGER_S`` has passed; its record is final only then. An interval no request
+claims work in is split by time, except to streams gone silent (``SILENT_AFTER_S`` without a
+token: their upstream died or hangs); with none left it is unattributed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ MAX_LINGER_S = 30.0
 #: request's server is done with it. Small, so that a single low-power stream is not taken for
 #: quiet (one stream of the accuracy benchmark draws 10 % over idle).
 QUIET_MARGIN = 0.05
+#: A stream that sent tokens and then none for this long (its upstream died or hangs) stops
+#: taking a share of intervals no request claims work in (at least this, or four of its own
+#: token gaps).
+SILENT_AFTER_S = 1.0
+SILENT_GAPS = 4.0
 #: The smallest span (s) used as a denominator, so a request that starts and ends on the same
 #: clock tick still gets its share.
 MIN_SPAN_S = 1e-6
@@ -163,6 +170,7 @@ class Flight:
     work_end_s: float | None = None
     linger_tokens_per_s: float = 0.0
     decoded_tokens: float = 0.0
+    last_token_s: float | None = None
     energy_j: float = 0.0
     co2e_g: float = 0.0
     # per device: decoded tokens already weighed, and whether that device has covered the end
@@ -211,6 +219,20 @@ class SampleOutcome:
 IDLE_EMA_ALPHA = 0.2
 
 
+def _silent(f: Flight, t_s: float) -> bool:
+    """Whether a stream that has sent tokens has sent none for ``SILENT_AFTER_S`` (or four of
+    its own token gaps, if longer) by ``t_s``."""
+    last = f.last_token_s
+    fb = f.first_byte_s
+    if last is None or fb is None or f.decoded_tokens <= 0.0 or not f.profile.token_stream:
+        return False
+    after_s = SILENT_AFTER_S
+    if f.decoded_tokens >= 2.0 and last > fb:
+        gaps_s = SILENT_GAPS * (last - fb) / (f.decoded_tokens - 1.0)
+        after_s = gaps_s if gaps_s > after_s else after_s
+    return t_s - last >= after_s
+
+
 class AttributionEngine:
     """Per-device interval attribution with provisional and final per-request figures.
 
@@ -254,10 +276,14 @@ class AttributionEngine:
         if flight is not None and flight.first_byte_s is None:
             flight.first_byte_s = t_s
 
-    def tokens(self, request_id: str, count: float) -> None:
+    def tokens(self, request_id: str, count: float, t_s: float | None = None) -> None:
+        """``count`` more tokens streamed (at ``t_s``, when known: a stream that stops sending
+        them is told from one that is merely slow by it)."""
         flight = self._flights.get(request_id)
         if flight is not None:
             flight.decoded_tokens += count
+            if t_s is not None:
+                flight.last_token_s = t_s
 
     def set_prompt_tokens(self, request_id: str, prompt_tokens: float) -> None:
         flight = self._flights.get(request_id)
@@ -377,8 +403,13 @@ class AttributionEngine:
                 continue
             weights[rid] = work_of(device, f, t0, t1, overlap)
         if work and weights and sum(weights.values()) <= 0.0:
-            for rid in weights:
+            # No request claims work in this interval: split it by time, except to streams that
+            # went silent (their upstream died or hangs); with none left it is unattributed.
+            for rid in list(weights):
                 f = flights[rid]
+                if _silent(f, t0):
+                    del weights[rid]
+                    continue
                 end = t1 if f.work_end_s is None else min(t1, f.work_end_s)
                 weights[rid] = max(end - max(t0, f.start_s), MIN_SPAN_S)
         return weights

@@ -39,6 +39,9 @@ NOT_SERVED = frozenset(("upstream_unavailable", "payload_too_large", "client_tim
 #: Outcomes where the client left (or the proxy stopped it) while the upstream had the request:
 #: its server may go on computing it.
 ABORTED = frozenset(("client_disconnect", "cancelled"))
+#: Outcomes where the upstream is gone: once it answered, it stopped working at its last byte the
+#: proxy saw, however long the proxy took to notice (an idle timeout, a slow client).
+UPSTREAM_GONE = frozenset(("upstream_reset", "upstream_timeout", "upstream_unavailable"))
 
 
 @dataclass(slots=True)
@@ -145,9 +148,9 @@ class Accountant:
 
     def tokens(self, req: OpenRequest, count: int) -> None:
         if count:
-            req.t_last_token_s = self.clock()
+            now = req.t_last_token_s = self.clock()
             if req.devices:
-                self.engine.tokens(req.record.request_id, count)
+                self.engine.tokens(req.record.request_id, count, now)
 
     def end(self, req: OpenRequest, status: int, usage: Usage, outcome: str = "ok") -> None:
         """The response is over (or broke off): close its timing and wait for the meter."""
@@ -159,7 +162,11 @@ class Accountant:
         rec.status = status
         rec.outcome = outcome
         rec.ended_at = utc_now_iso()
-        rec.duration_s = now - req.t_start_s
+        t_end = now
+        if outcome in UPSTREAM_GONE and req.t_first_byte_s is not None:
+            last = req.t_last_token_s
+            t_end = last if last is not None and last > req.t_first_byte_s else req.t_first_byte_s
+        rec.duration_s = t_end - req.t_start_s
         rec.prompt_tokens = usage.prompt_tokens
         rec.completion_tokens = usage.completion_tokens
         rec.tokens_source = usage.tokens_source
@@ -198,7 +205,7 @@ class Accountant:
         if usage.prompt_tokens is not None:
             self.engine.set_prompt_tokens(rec.request_id, usage.prompt_tokens)
         self._change_load(req.devices, rec.task, -1, now)
-        flight = self.engine.end(rec.request_id, now, linger)
+        flight = self.engine.end(rec.request_id, t_end, linger)
         if flight is not None and flight.final:
             self._finalize(req, flight)
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from estimators.attribution import (
     ASSUMED_DECODE_TOKENS_PER_S,
     MAX_LINGER_S,
+    SILENT_AFTER_S,
     AttributionEngine,
     IdlePolicy,
     Weighting,
@@ -123,7 +124,7 @@ def test_invariant_under_any_interleaving(
         elif kind == "first_byte":
             engine.first_byte(rid, t)
         elif kind == "tokens":
-            engine.tokens(rid, int(value) % 7)
+            engine.tokens(rid, int(value) % 7, t if i % 2 == 0 else None)
         elif kind == "prompt":
             engine.set_prompt_tokens(rid, value)
         elif kind in ("end", "abort") and rid in started and not started[rid]:
@@ -406,3 +407,19 @@ def test_a_queued_request_weighs_at_most_the_prefill_it_could_have_done() -> Non
     # 0.05 s at 5,000 tokens/s: 250 prompt tokens x 0.1 J = 25 J of its 10,000 J prefill
     assert engine.flight("w").energy_j == pytest.approx(50.0)
     assert engine.flight("s").energy_j == pytest.approx(50.0)
+
+
+def test_a_stream_gone_silent_gets_no_share_of_the_fallback() -> None:
+    """A stream that sent tokens and then none for SILENT_AFTER_S (its upstream died or hangs)
+    stops taking the even-split fallback: energy no one claims is unattributed, not its."""
+    engine = AttributionEngine(Weighting.WORK, IdlePolicy.EXCLUDE, idle_power_w=60.0)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.start("s", ["gpu0"], 0.0, WorkProfile(0, 0.1, 1.0, 1.0, token_stream=True))
+    engine.first_byte("s", 0.05)
+    engine.tokens("s", 4, t_s=0.1)
+    for k in range(1, 51):
+        engine.sample("gpu0", 0.1 * k, 21.0)  # 150 W over idle, every 0.1 s, for 5 s
+    f = engine.flight("s")
+    assert f is not None
+    assert f.energy_j <= 150.0 * (0.1 + SILENT_AFTER_S + 0.1) + 1e-9  # 150 W over idle
+    assert engine.devices["gpu0"].no_requests_j >= 150.0 * (5.0 - SILENT_AFTER_S - 0.3)

@@ -9,19 +9,26 @@ scripted meter readings, as the proxy drives it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from estimators.attribution import AttributionEngine, IdlePolicy, Weighting
+from estimators.attribution import SILENT_AFTER_S, AttributionEngine, IdlePolicy, Weighting
 from estimators.estimator import Estimator
 from estimators.meters.base import Reading
 from proxy.accounting import Accountant, OpenRequest
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord
 from proxy.usage.base import Usage
+from tests.conftest import ProxyFactory, proxy_config, url_of
+from tests.test_proxy_openai import CHAT, final_record
 
 IDLE_W = 60.0
 SAMPLE_S = 0.1
@@ -132,3 +139,69 @@ def test_an_aborted_request_closes_when_its_device_goes_quiet() -> None:
     bench.until(1.3)
     assert "A" in bench.finals
     assert bench.finals["A"].energy_j == pytest.approx(200.0)
+
+
+# -- 2. an upstream gone mid-stream ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome", ["upstream_timeout", "upstream_reset"])
+def test_a_request_whose_upstream_died_stops_drawing_when_it_failed(outcome: str) -> None:
+    """4 tokens, then the upstream dies; the proxy learns of it 24 s later (the idle timeout,
+    or a client slow to take the end of the stream) while the device goes on drawing for
+    others. The record was 25 s and 3,867 J; it ends at the upstream's last token."""
+    bench = Bench(busy_w=lambda t: 150.0)  # what the meter sees: not this request's work
+    a = bench.begin("A", 100, max_tokens=140)
+    n = bench.stream(a, 0.5, 0.8, 10.0)  # first byte 0.5, 4 tokens until 0.8
+    assert n == 4
+    bench.until(25.0)
+    bench.acc.end(a, 200, Usage(100, n, "estimate"), outcome)
+    bench.until(25.2)
+    rec = bench.finals["A"]
+    assert rec.duration_s == pytest.approx(0.8)
+    # its life (0.8 s) and at most SILENT_AFTER_S of silence after its last token
+    assert rec.energy_j <= 150.0 * (0.8 + SILENT_AFTER_S + SAMPLE_S) + 1e-6
+    assert "linger_s" not in rec.extra
+    assert bench.final_at["A"] == pytest.approx(25.1)  # at the next sample: it never lingers
+
+
+async def test_through_the_proxy_an_upstream_that_dies_mid_stream_stops_being_charged(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Over loopback: the upstream sends 4 tokens and then hangs (killed where no reset
+    reaches the proxy); the proxy gives up after ``idle_s``. The record's duration ends at the
+    last token, and its energy is not the device's for the whole wait."""
+    tokens = b"".join(
+        b'data: {"choices":[{"index":0,"delta":{"content":"t%d"}}]}\n\n' % i for i in range(4)
+    )
+
+    async def dies(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(tokens)
+        await asyncio.sleep(30)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", dies)
+    up = await aiohttp_server(app)
+    idle_s = 2.5
+    cfg = proxy_config(
+        url_of(up),
+        tmp_path,
+        upstreams=[{"name": "llm", "url": url_of(up), "timeouts": {"idle_s": idle_s}}],
+    )
+    proxy, _ = await make_proxy(cfg)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url_of(proxy) + "/v1/chat/completions", json={**CHAT, "stream": True}) as r,
+    ):
+        assert await r.read() == tokens
+        rid = r.headers["X-Request-Id"]
+    rec = await final_record(url_of(proxy), rid)
+    assert rec["outcome"] == "upstream_timeout"
+    assert rec["completion_tokens"] == 4
+    assert rec["duration_s"] < idle_s / 2  # the last token came at once, not after idle_s
+    # the simulated GPU draws 150 W while the request is open: the whole wait would be
+    # 375 J; the request keeps at most SILENT_AFTER_S of it after its last token
+    assert rec["energy_j"] < 150.0 * idle_s * 0.6
