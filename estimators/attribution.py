@@ -169,6 +169,9 @@ class Flight:
     #: until when it is weighed: its end, or later while an aborted request's work goes on
     work_end_s: float | None = None
     linger_tokens_per_s: float = 0.0
+    #: false once it is known to have done no work (an answer without upstream work): no
+    #: weight in any interval split from then on
+    charged: bool = True
     decoded_tokens: float = 0.0
     last_token_s: float | None = None
     energy_j: float = 0.0
@@ -217,6 +220,13 @@ class SampleOutcome:
 
 #: Weight of a quiet interval in the learned idle power (exponential moving average).
 IDLE_EMA_ALPHA = 0.2
+
+
+def _in_interval(f: Flight, t0: float, t1: float) -> bool:
+    """Whether the flight was in flight during (t0, t1] (an instant one at its start, too)."""
+    start, end_s = f.start_s, f.work_end_s
+    end = t1 if end_s is None or not end_s < t1 else end_s
+    return end > (start if start > t0 else t0) or (start == end_s and t0 < start <= t1)
 
 
 def _silent(f: Flight, t_s: float) -> bool:
@@ -297,12 +307,17 @@ class AttributionEngine:
                 p.token_stream,
             )
 
-    def end(self, request_id: str, t_s: float, linger: Linger | None = None) -> Flight | None:
+    def end(
+        self, request_id: str, t_s: float, linger: Linger | None = None, charge: bool = True
+    ) -> Flight | None:
         """Mark the end; the flight stays until every device has sampled past ``t_s``, or past
-        ``t_s + linger.duration_s`` for an aborted request whose work goes on."""
+        ``t_s + linger.duration_s`` for an aborted request whose work goes on. ``charge=False``
+        (no work was done for it): it gets no share of any interval split from now on; its
+        share goes to the requests that did work, or is unattributed when there are none."""
         flight = self._flights.get(request_id)
         if flight is None:
             return None
+        flight.charged = charge
         flight.end_s = max(t_s, flight.start_s)
         flight.work_end_s = flight.end_s
         if linger is not None and linger.duration_s > 0.0 and linger.tokens_per_s > 0.0:
@@ -346,7 +361,9 @@ class AttributionEngine:
         if self._lingering:
             self._end_lingering_if_quiet(device, totals, t0, energy_j, duration_s)
         weights = self._weights(device, flights, t0, t_s)
-        idle_w = self._idle_power_w(totals, energy_j, duration_s, quiet=not weights)
+        # quiet: no request at all in the interval (one that claims nothing still is one)
+        quiet = not weights and not any(_in_interval(f, t0, t_s) for f in flights.values())
+        idle_w = self._idle_power_w(totals, energy_j, duration_s, quiet=quiet)
         split = split_interval(energy_j, duration_s, weights, idle_w, self.idle)
         for rid, share_j in split.attributed_j.items():
             flight = flights[rid]
@@ -393,6 +410,8 @@ class AttributionEngine:
         work = self.weighting is Weighting.WORK
         work_of = self._work
         for rid, f in flights.items():
+            if not f.charged:
+                continue
             start, end_s = f.start_s, f.work_end_s
             end = t1 if end_s is None or not end_s < t1 else end_s
             overlap = end - (start if start > t0 else t0)

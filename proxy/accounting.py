@@ -3,12 +3,19 @@ byte, streams tokens and ends; the sampler hands it meter readings. It feeds the
 engine, exports the device and request metrics, and passes each final record to the ledger.
 
 A request is ``measured`` when every interval of its life on its devices was read; it is
-``estimated`` (never zero) when its upstream has no metered device or the meter failed meanwhile.
+``estimated`` (never zero, unless the upstream did no work for it) when its upstream has no
+metered device or the meter failed meanwhile.
 
 A request whose client left before its generation was complete may still be computed by its
 server (llama.cpp finishes the slot's generation): it stays in flight, and its record open,
 while its expected remaining work is done (``estimators.attribution.abort_linger``), so that
 energy is not charged to the requests queued behind it.
+
+An answer for which the upstream did no inference (a 4xx, a 502, the proxy's own 504 before any
+response: ``no_work``) is charged nothing from its answer on: its share of the interval of its
+answer and of later ones goes to the requests that did work (unattributed when there are none).
+What the meter had split while the upstream held it, before the answer, stays charged (the
+engine splits each interval once); its basis says so.
 """
 
 from __future__ import annotations
@@ -53,6 +60,20 @@ class OpenRequest:
     t_first_byte_s: float | None = None
     t_last_token_s: float | None = None
     ended: bool = False
+    no_work: bool = False
+
+
+def no_work(status: int, outcome: str, answered: bool) -> bool:
+    """Whether the upstream did no inference for a request that ended with ``status``: a 4xx
+    (invalid, too long, unknown model, rate limited), a 502 (the upstream's, or the proxy's when
+    it got no answer), or the proxy's own 504 before any response. Other 5xx may come after
+    work (a 500 after generating) and are charged as measured. Until a response arrives the
+    proxy's status is a 502 placeholder: a client gone before it is an abort, not an answer."""
+    if 400 <= status < 500:
+        return True
+    if status == 502:
+        return answered or outcome not in ABORTED
+    return status == 504 and outcome == "upstream_timeout" and not answered
 
 
 class Accountant:
@@ -198,14 +219,17 @@ class Accountant:
             series.prompt_tokens.inc(usage.prompt_tokens)
         if usage.completion_tokens:
             series.completion_tokens.inc(usage.completion_tokens)
+        req.no_work = no_work(status, outcome, req.t_first_byte_s is not None)
         if not req.devices:
             self._finalize(req, None)
             return
-        linger = self._linger(req, shape, usage) if outcome in ABORTED else None
+        linger = None
+        if outcome in ABORTED and not req.no_work:
+            linger = self._linger(req, shape, usage)
         if usage.prompt_tokens is not None:
             self.engine.set_prompt_tokens(rec.request_id, usage.prompt_tokens)
         self._change_load(req.devices, rec.task, -1, now)
-        flight = self.engine.end(rec.request_id, t_end, linger)
+        flight = self.engine.end(rec.request_id, t_end, linger, charge=not req.no_work)
         if flight is not None and flight.final:
             self._finalize(req, flight)
 
@@ -327,6 +351,17 @@ class Accountant:
         if rec.task == OTHER or (flight is None and rec.outcome in NOT_SERVED):
             rec.energy_j, rec.co2e_g, rec.source = 0.0, 0.0, "estimated"
             rec.basis = "no inference" if rec.task == OTHER else "not served upstream"
+        elif req.no_work:
+            what = f"no work upstream (HTTP {rec.status})"
+            if flight is not None and flight.gaps == 0:
+                rec.energy_j, rec.co2e_g, rec.source = flight.energy_j, flight.co2e_g, "measured"
+                rec.basis = (
+                    f"{what}: not charged from its answer on, only its share measured before "
+                    "its answer, while the upstream held it"
+                )
+            else:
+                rec.energy_j, rec.co2e_g, rec.source = 0.0, 0.0, "estimated"
+                rec.basis = f"{what}: not charged"
         elif flight is not None and flight.gaps == 0:
             rec.energy_j, rec.co2e_g, rec.source = flight.energy_j, flight.co2e_g, "measured"
             lingered_s = flight.lingered_s

@@ -88,7 +88,9 @@ def test_split_interval_conserves(
 # -- the engine under random interleavings -------------------------------------------------
 
 event = st.tuples(
-    st.sampled_from(["start", "first_byte", "tokens", "end", "abort", "sample", "prompt"]),
+    st.sampled_from(
+        ["start", "first_byte", "tokens", "end", "abort", "no_work", "sample", "prompt"]
+    ),
     st.integers(0, 7),  # request index
     st.floats(0.0, 0.5),  # time step
     st.floats(0.0, 500.0),  # energy or tokens
@@ -113,6 +115,7 @@ def test_invariant_under_any_interleaving(
     t = 0.0
     started: dict[str, bool] = {}
     finals: dict[str, float] = {}
+    uncharged: dict[str, float] = {}  # answers without upstream work: energy at their end
     for kind, i, dt, value, device in events:
         t += dt
         rid = f"r{i}"
@@ -127,10 +130,13 @@ def test_invariant_under_any_interleaving(
             engine.tokens(rid, int(value) % 7, t if i % 2 == 0 else None)
         elif kind == "prompt":
             engine.set_prompt_tokens(rid, value)
-        elif kind in ("end", "abort") and rid in started and not started[rid]:
-            # an aborted request lingers while its expected remaining work goes on
+        elif kind in ("end", "abort", "no_work") and rid in started and not started[rid]:
+            # an aborted request lingers while its expected remaining work goes on; an answer
+            # without upstream work gets nothing from its end on
             linger = abort_linger(value % 40, 40, 0.0, dt) if kind == "abort" else None
-            engine.end(rid, t, linger)
+            flight = engine.end(rid, t, linger, charge=kind != "no_work")
+            if kind == "no_work" and flight is not None:
+                uncharged[rid] = flight.energy_j
             started[rid] = True
         elif kind == "sample":
             _, done = engine.sample(device, t, value, g_per_j=0.001)
@@ -153,6 +159,8 @@ def test_invariant_under_any_interleaving(
     assert {rid for rid, ended in started.items() if ended} <= set(finals)
     in_flight = {rid: f.energy_j for rid, f in engine._flights.items()}
     assert_conserved(engine, {**finals, **in_flight})
+    for rid, at_end_j in uncharged.items():
+        assert finals[rid] == at_end_j, "an answer without upstream work was charged after it"
 
 
 @settings(max_examples=100, deadline=None)
@@ -423,3 +431,19 @@ def test_a_stream_gone_silent_gets_no_share_of_the_fallback() -> None:
     assert f is not None
     assert f.energy_j <= 150.0 * (0.1 + SILENT_AFTER_S + 0.1) + 1e-9  # 150 W over idle
     assert engine.devices["gpu0"].no_requests_j >= 150.0 * (5.0 - SILENT_AFTER_S - 0.3)
+
+
+def test_intervals_with_requests_that_claim_nothing_are_not_learned_as_idle() -> None:
+    """A silent stream or an answer without upstream work leaves an interval unclaimed: it is
+    unattributed, but it is no quiet interval to learn the idle power from."""
+    engine = AttributionEngine(Weighting.WORK, IdlePolicy.EXCLUDE, idle_power_w=None)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.sample("gpu0", 1.0, 60.0)  # quiet: 60 W idle learned
+    engine.start("s", ["gpu0"], 1.0, WorkProfile(0, 0.1, 1.0, 1.0, token_stream=True))
+    engine.first_byte("s", 1.0)
+    engine.tokens("s", 4, t_s=1.0)
+    engine.start("n", ["gpu0"], 1.0, WorkProfile(10, 0.1, 1.0, 1.0, token_stream=True))
+    engine.end("n", 9.0, charge=False)
+    for k in range(3, 9):
+        engine.sample("gpu0", float(k), 260.0)  # busy, claimed by no one
+    assert engine.devices["gpu0"].idle_power_w == pytest.approx(60.0)

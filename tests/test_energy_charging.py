@@ -73,8 +73,10 @@ class Bench:
             self._next_sample_s = round(self._next_sample_s + SAMPLE_S, 6)
         self.t = t_s
 
-    def begin(self, rid: str, prompt: int, max_tokens: int | None = None) -> OpenRequest:
-        rec = RequestRecord(rid, "alice", None, "llm", "llama", "text-generation", 0, "t")
+    def begin(
+        self, rid: str, prompt: int, max_tokens: int | None = None, model: str = "llama"
+    ) -> OpenRequest:
+        rec = RequestRecord(rid, "alice", None, "llm", model, "text-generation", 0, "t")
         return self.acc.begin(rec, ["gpu0"], prompt, stream=True, max_tokens=max_tokens)
 
     def stream(self, req: OpenRequest, t0: float, t1: float, tokens_per_s: float) -> int:
@@ -205,3 +207,109 @@ async def test_through_the_proxy_an_upstream_that_dies_mid_stream_stops_being_ch
     # the simulated GPU draws 150 W while the request is open: the whole wait would be
     # 375 J; the request keeps at most SILENT_AFTER_S of it after its last token
     assert rec["energy_j"] < 150.0 * idle_s * 0.6
+
+
+# -- 3. answers for which the upstream did no work -------------------------------------------
+
+NO_WORK = [
+    pytest.param(400, "ok", True, id="400 context too long"),
+    pytest.param(404, "ok", True, id="404 model not found"),
+    pytest.param(422, "ok", True, id="422"),
+    pytest.param(502, "upstream_error", True, id="502 from the upstream"),
+    pytest.param(502, "upstream_unavailable", False, id="the proxy's 502"),
+    pytest.param(504, "upstream_timeout", False, id="the proxy's 504"),
+]
+
+
+def _quick_answer(bench: Bench, status: int, outcome: str, answered: bool) -> None:
+    """A streaming request S keeps the device busy; N, with a 200,000-token prompt, is answered
+    at once (t=0.52 -> 0.56): its prompt's prefill would be released in that interval."""
+    s = bench.begin("S", 10)
+    bench.stream(s, 0.05, 0.5, 20.0)
+    n = bench.begin("N", 200_000, model="too-long")
+    bench.until(0.56)
+    if answered:
+        bench.acc.first_byte(n)
+    bench.acc.end(n, status, Usage(200_000, 0, "estimate"), outcome)
+    bench.stream(s, 0.6, 1.0, 20.0)
+    bench.acc.end(s, 200, Usage(10, 20, "server"), "ok")
+    bench.until(1.2)
+
+
+@pytest.mark.parametrize(("status", "outcome", "answered"), NO_WORK)
+def test_an_answer_without_upstream_work_is_not_charged(
+    status: int, outcome: str, answered: bool
+) -> None:
+    """Its share of the interval of its answer goes to the request that did work (it took
+    nearly all of it: its whole prompt's prefill was released at its answer)."""
+    bench = Bench(busy_w=lambda t: 200.0)
+    _quick_answer(bench, status, outcome, answered)
+    n, s = bench.finals["N"], bench.finals["S"]
+    assert n.energy_j == 0.0
+    assert n.source == "measured"
+    assert (n.basis or "").startswith(f"no work upstream (HTTP {status})")
+    assert s.energy_j == pytest.approx(200.0 * 1.0)  # the work of 0-1 s is all S's
+    # and N is no calibration sample (S is one)
+    assert bench.acc.estimator.calibration.keys() == [("llm", "llama", "text-generation")]
+
+
+def test_an_answer_without_upstream_work_alone_leaves_the_energy_unattributed() -> None:
+    bench = Bench(busy_w=lambda t: 200.0)
+    bench.until(0.52)
+    n = bench.begin("N", 200_000)
+    bench.until(0.56)
+    bench.acc.first_byte(n)
+    bench.acc.end(n, 404, Usage(200_000, 0, "estimate"), "ok")
+    bench.until(0.7)
+    assert bench.finals["N"].energy_j == 0.0
+    totals = bench.acc.engine.devices["gpu0"]
+    assert totals.no_requests_j == pytest.approx((IDLE_W + 200.0) * 0.7)  # idle included
+    assert totals.attributed_j == 0.0
+
+
+def test_the_proxys_504_keeps_only_what_was_measured_while_the_upstream_held_it() -> None:
+    """The choice for answers without upstream work: nothing from the answer on; what the meter
+    split while the upstream held the request (it may have been prefilling it) stays charged."""
+    bench = Bench(busy_w=lambda t: 200.0)
+    n = bench.begin("N", 200_000)
+    bench.until(5.05)  # alone, waiting for a first byte that never comes
+    bench.acc.end(n, 504, Usage(200_000, 0, "estimate"), "upstream_timeout")
+    bench.until(5.5)
+    assert bench.finals["N"].energy_j == pytest.approx(200.0 * 5.0)  # not 5.0-5.1 s
+    assert "measured before its answer" in (bench.finals["N"].basis or "")
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"), [(500, "upstream_error"), (503, "upstream_error"), (504, "ok")]
+)
+def test_other_upstream_5xx_may_have_done_work_and_stay_measured(status: int, outcome: str) -> None:
+    bench = Bench(busy_w=lambda t: 200.0)
+    _quick_answer(bench, status, outcome, True)
+    assert bench.finals["N"].energy_j > 0.0
+    assert bench.finals["N"].basis == "measured"
+
+
+def test_a_client_gone_before_any_answer_is_an_abort_not_an_answer() -> None:
+    """The proxy's status is 502 until a response arrives: a client that leaves before it
+    is an abort (its server may go on), not a 502 answer."""
+    bench = Bench(busy_w=lambda t: 200.0)
+    n = bench.begin("N", 100, max_tokens=40)
+    bench.until(0.5)
+    bench.acc.end(n, 502, Usage(100, 0, "estimate"), "client_disconnect")
+    bench.until(1.0)
+    assert "N" not in bench.finals  # lingering: 40 tokens at the assumed 20 tokens/s
+    bench.until(2.7)
+    assert bench.finals["N"].extra["linger_s"] == pytest.approx(2.0)
+
+
+def test_an_unmetered_answer_without_upstream_work_is_not_charged() -> None:
+    """Without a meter it was estimated (a text-generation prior of 169 J for a 404)."""
+    finals: list[RequestRecord] = []
+    acc = Accountant(AttributionEngine(), Estimator(), Metrics(CollectorRegistry()), finals.append)
+    rec = RequestRecord("N", "alice", None, "llm", "llama", "text-generation", 0, "t")
+    req = acc.begin(rec, None, 20, stream=False)
+    acc.first_byte(req)
+    acc.end(req, 404, Usage(20, None, "estimate"), "ok")
+    assert finals[0].energy_j == 0.0
+    assert finals[0].source == "estimated"
+    assert finals[0].basis == "no work upstream (HTTP 404): not charged"
