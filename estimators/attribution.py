@@ -17,7 +17,8 @@ generation of a slot whose client left): it can *linger* after its end, weighed 
 speed it streamed at, until its expected remaining work is done (``abort_linger``), its device
 goes quiet, or ``MAX_LINGER_S`` has passed; its record is final only then. An interval no request
 claims work in is split by time, except to streams gone silent (``SILENT_AFTER_S`` without a
-token: their upstream died or hangs); with none left it is unattributed.
+token: their upstream died or hangs; under ``time`` weighting they get no share at all); with
+none left it is unattributed.
 """
 
 from __future__ import annotations
@@ -231,10 +232,13 @@ def _in_interval(f: Flight, t0: float, t1: float) -> bool:
 
 def _silent(f: Flight, t_s: float) -> bool:
     """Whether a stream that has sent tokens has sent none for ``SILENT_AFTER_S`` (or four of
-    its own token gaps, if longer) by ``t_s``."""
+    its own token gaps, if longer) by ``t_s``. An aborted request lingering after its end is
+    never silent: its tokens are no longer relayed, its work is assumed to go on."""
     last = f.last_token_s
     fb = f.first_byte_s
     if last is None or fb is None or f.decoded_tokens <= 0.0 or not f.profile.token_stream:
+        return False
+    if f.linger_tokens_per_s > 0.0:
         return False
     after_s = SILENT_AFTER_S
     if f.decoded_tokens >= 2.0 and last > fb:
@@ -418,6 +422,9 @@ class AttributionEngine:
             if overlap <= 0.0 and not (start == end_s and t0 < start <= t1):
                 continue
             if not work:
+                last = f.last_token_s  # a stream gone silent is no longer in flight on it
+                if last is not None and t0 - last >= SILENT_AFTER_S and _silent(f, t0):
+                    continue
                 weights[rid] = MIN_SPAN_S if overlap < MIN_SPAN_S else overlap
                 continue
             weights[rid] = work_of(device, f, t0, t1, overlap)

@@ -326,7 +326,7 @@ def _abort_then_new_request(weighting: Weighting) -> tuple[AttributionEngine, di
         if what == "A first byte":
             engine.first_byte("A", t)
         elif what == "A token":
-            engine.tokens("A", 1)
+            engine.tokens("A", 1, t)
         elif what == "A aborted":
             linger = abort_linger(
                 decoded_tokens=20, expected_tokens=140, first_byte_s=0.05, last_token_s=1.0
@@ -338,7 +338,7 @@ def _abort_then_new_request(weighting: Weighting) -> tuple[AttributionEngine, di
         elif what == "B first byte":
             engine.first_byte("B", t)
         elif what == "B token":
-            engine.tokens("B", 1)
+            engine.tokens("B", 1, t)
         elif what == "B end":
             engine.end("B", t)
         else:
@@ -358,6 +358,13 @@ def test_an_aborted_request_keeps_the_energy_of_its_work_that_goes_on() -> None:
     assert inside["A"] >= 0.9 * drawn_j
     # B only waits: what it may get is its prompt's prefill at the assumed speed (0.2 s)
     assert inside["B"] <= 0.05 * drawn_j
+
+
+def test_under_time_weighting_a_lingering_request_keeps_its_time_share() -> None:
+    """Its tokens are no longer relayed, yet it is not a stream gone silent: its work goes on."""
+    _engine, inside = _abort_then_new_request(Weighting.TIME)
+    # 1.0-1.5 s alone, 1.5-7.0 s shared evenly with the queued request
+    assert inside["A"] == pytest.approx(20.0 * (5 + 55 / 2), rel=0.02)
 
 
 def test_an_aborted_request_is_final_only_when_its_remaining_work_is_done() -> None:
@@ -417,10 +424,12 @@ def test_a_queued_request_weighs_at_most_the_prefill_it_could_have_done() -> Non
     assert engine.flight("s").energy_j == pytest.approx(50.0)
 
 
-def test_a_stream_gone_silent_gets_no_share_of_the_fallback() -> None:
+@pytest.mark.parametrize("weighting", list(Weighting))
+def test_a_stream_gone_silent_gets_no_share_of_the_fallback(weighting: Weighting) -> None:
     """A stream that sent tokens and then none for SILENT_AFTER_S (its upstream died or hangs)
-    stops taking the even-split fallback: energy no one claims is unattributed, not its."""
-    engine = AttributionEngine(Weighting.WORK, IdlePolicy.EXCLUDE, idle_power_w=60.0)
+    stops taking the time split (the fallback of work weighting, all of time weighting):
+    energy no one claims is unattributed, not its."""
+    engine = AttributionEngine(weighting, IdlePolicy.EXCLUDE, idle_power_w=60.0)
     engine.sample("gpu0", 0.0, 0.0)
     engine.start("s", ["gpu0"], 0.0, WorkProfile(0, 0.1, 1.0, 1.0, token_stream=True))
     engine.first_byte("s", 0.05)
