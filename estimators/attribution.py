@@ -11,6 +11,14 @@ request's estimated energy *in that interval*: prefill (its prompt tokens' work,
 total, spread over start -> first byte), decode (tokens streamed in the interval) and, for
 requests without a token stream, their expected energy spread over their elapsed life. The
 estimator only sets the proportions; the meter sets the total.
+
+A request aborted by its client may still be computed by its server (llama.cpp finishes the
+generation of a slot whose client left): it can *linger* after its end, weighed at the decode
+speed it streamed at, until its expected remaining work is done (``abort_linger``), its device
+goes quiet, or ``MAX_LINGER_S`` has passed; its record is final only then. An interval no request
+claims work in is split by time, except to streams gone silent (``SILENT_AFTER_S`` without a
+token: their upstream died or hangs; under ``time`` weighting they get no share at all); with
+none left it is unattributed.
 """
 
 from __future__ import annotations
@@ -22,6 +30,19 @@ from dataclasses import dataclass, field
 #: Prefill speed assumed while a request has not sent its first byte (prompt tokens per second,
 #: batched prefill on a datacenter GPU); only how an unfinished prefill is spread depends on it.
 ASSUMED_PREFILL_TOKENS_PER_S = 5000.0
+#: Decode speed assumed for an aborted request that streamed too few tokens to measure its own.
+ASSUMED_DECODE_TOKENS_PER_S = 20.0
+#: The longest an aborted request is kept in flight after its end (its server may have stopped).
+MAX_LINGER_S = 30.0
+#: An interval whose power is within this fraction of the idle power is quiet: a lingering
+#: request's server is done with it. Small, so that a single low-power stream is not taken for
+#: quiet (one stream of the accuracy benchmark draws 10 % over idle).
+QUIET_MARGIN = 0.05
+#: A stream that sent tokens and then none for this long (its upstream died or hangs) stops
+#: taking a share of intervals no request claims work in (at least this, or four of its own
+#: token gaps).
+SILENT_AFTER_S = 1.0
+SILENT_GAPS = 4.0
 #: The smallest span (s) used as a denominator, so a request that starts and ends on the same
 #: clock tick still gets its share.
 MIN_SPAN_S = 1e-6
@@ -106,6 +127,36 @@ class WorkProfile:
     token_stream: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Linger:
+    """How long an aborted request's work goes on after its end, and at what decode speed."""
+
+    duration_s: float
+    tokens_per_s: float
+
+
+def abort_linger(
+    decoded_tokens: float,
+    expected_tokens: float,
+    first_byte_s: float | None,
+    last_token_s: float | None,
+    max_s: float = MAX_LINGER_S,
+) -> Linger | None:
+    """The work left to an aborted request: ``expected_tokens - decoded_tokens`` at the speed it
+    was seen streaming (tokens after the first over first byte -> last token), or at
+    ``ASSUMED_DECODE_TOKENS_PER_S`` before two tokens; at most ``max_s``. ``None`` when its
+    expected generation is already complete."""
+    remaining = expected_tokens - decoded_tokens
+    if not remaining > 0.0:
+        return None
+    rate = ASSUMED_DECODE_TOKENS_PER_S
+    if first_byte_s is not None and last_token_s is not None and decoded_tokens >= 2.0:
+        span_s = last_token_s - first_byte_s
+        if span_s > 0.0:
+            rate = (decoded_tokens - 1.0) / span_s
+    return Linger(min(max_s, remaining / rate), rate)
+
+
 @dataclass(slots=True)
 class Flight:
     """A request's state inside the engine."""
@@ -116,7 +167,14 @@ class Flight:
     profile: WorkProfile
     first_byte_s: float | None = None
     end_s: float | None = None
+    #: until when it is weighed: its end, or later while an aborted request's work goes on
+    work_end_s: float | None = None
+    linger_tokens_per_s: float = 0.0
+    #: false once it is known to have done no work (an answer without upstream work): no
+    #: weight in any interval split from then on
+    charged: bool = True
     decoded_tokens: float = 0.0
+    last_token_s: float | None = None
     energy_j: float = 0.0
     co2e_g: float = 0.0
     # per device: decoded tokens already weighed, and whether that device has covered the end
@@ -128,6 +186,13 @@ class Flight:
     @property
     def final(self) -> bool:
         return self.end_s is not None and not self._open_on
+
+    @property
+    def lingered_s(self) -> float:
+        """How long it was kept in flight after its end (an aborted request's work)."""
+        if self.end_s is None or self.work_end_s is None:
+            return 0.0
+        return max(0.0, self.work_end_s - self.end_s)
 
 
 @dataclass(slots=True)
@@ -158,6 +223,30 @@ class SampleOutcome:
 IDLE_EMA_ALPHA = 0.2
 
 
+def _in_interval(f: Flight, t0: float, t1: float) -> bool:
+    """Whether the flight was in flight during (t0, t1] (an instant one at its start, too)."""
+    start, end_s = f.start_s, f.work_end_s
+    end = t1 if end_s is None or not end_s < t1 else end_s
+    return end > (start if start > t0 else t0) or (start == end_s and t0 < start <= t1)
+
+
+def _silent(f: Flight, t_s: float) -> bool:
+    """Whether a stream that has sent tokens has sent none for ``SILENT_AFTER_S`` (or four of
+    its own token gaps, if longer) by ``t_s``. An aborted request lingering after its end is
+    never silent: its tokens are no longer relayed, its work is assumed to go on."""
+    last = f.last_token_s
+    fb = f.first_byte_s
+    if last is None or fb is None or f.decoded_tokens <= 0.0 or not f.profile.token_stream:
+        return False
+    if f.linger_tokens_per_s > 0.0:
+        return False
+    after_s = SILENT_AFTER_S
+    if f.decoded_tokens >= 2.0 and last > fb:
+        gaps_s = SILENT_GAPS * (last - fb) / (f.decoded_tokens - 1.0)
+        after_s = gaps_s if gaps_s > after_s else after_s
+    return t_s - last >= after_s
+
+
 class AttributionEngine:
     """Per-device interval attribution with provisional and final per-request figures.
 
@@ -180,6 +269,7 @@ class AttributionEngine:
         self.devices: dict[str, DeviceTotals] = {}
         self._flights: dict[str, Flight] = {}
         self._on_device: dict[str, dict[str, Flight]] = {}
+        self._lingering: dict[str, Flight] = {}  # ended, aborted, their work still going on
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -200,10 +290,14 @@ class AttributionEngine:
         if flight is not None and flight.first_byte_s is None:
             flight.first_byte_s = t_s
 
-    def tokens(self, request_id: str, count: float) -> None:
+    def tokens(self, request_id: str, count: float, t_s: float | None = None) -> None:
+        """``count`` more tokens streamed (at ``t_s``, when known: a stream that stops sending
+        them is told from one that is merely slow by it)."""
         flight = self._flights.get(request_id)
         if flight is not None:
             flight.decoded_tokens += count
+            if t_s is not None:
+                flight.last_token_s = t_s
 
     def set_prompt_tokens(self, request_id: str, prompt_tokens: float) -> None:
         flight = self._flights.get(request_id)
@@ -217,16 +311,28 @@ class AttributionEngine:
                 p.token_stream,
             )
 
-    def end(self, request_id: str, t_s: float) -> Flight | None:
-        """Mark the end; the flight stays until every device has sampled past ``t_s``."""
+    def end(
+        self, request_id: str, t_s: float, linger: Linger | None = None, charge: bool = True
+    ) -> Flight | None:
+        """Mark the end; the flight stays until every device has sampled past ``t_s``, or past
+        ``t_s + linger.duration_s`` for an aborted request whose work goes on. ``charge=False``
+        (no work was done for it): it gets no share of any interval split from now on; its
+        share goes to the requests that did work, or is unattributed when there are none."""
         flight = self._flights.get(request_id)
         if flight is None:
             return None
+        flight.charged = charge
         flight.end_s = max(t_s, flight.start_s)
+        flight.work_end_s = flight.end_s
+        if linger is not None and linger.duration_s > 0.0 and linger.tokens_per_s > 0.0:
+            flight.work_end_s = flight.end_s + linger.duration_s
+            flight.linger_tokens_per_s = linger.tokens_per_s
+            self._lingering[request_id] = flight
         if flight.first_byte_s is None:
             flight.first_byte_s = flight.end_s
         if not flight._open_on:
             self._flights.pop(request_id, None)
+            self._lingering.pop(request_id, None)
         return flight
 
     def flight(self, request_id: str) -> Flight | None:
@@ -256,8 +362,12 @@ class AttributionEngine:
             self._book(totals, split, energy_j)
             return SampleOutcome(device, energy_j, split), self._close(device, flights, t_s)
         duration_s = max(0.0, t_s - t0)
+        if self._lingering:
+            self._end_lingering_if_quiet(device, totals, t0, energy_j, duration_s)
         weights = self._weights(device, flights, t0, t_s)
-        idle_w = self._idle_power_w(totals, energy_j, duration_s, quiet=not weights)
+        # quiet: no request at all in the interval (one that claims nothing still is one)
+        quiet = not weights and not any(_in_interval(f, t0, t_s) for f in flights.values())
+        idle_w = self._idle_power_w(totals, energy_j, duration_s, quiet=quiet)
         split = split_interval(energy_j, duration_s, weights, idle_w, self.idle)
         for rid, share_j in split.attributed_j.items():
             flight = flights[rid]
@@ -280,6 +390,21 @@ class AttributionEngine:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _end_lingering_if_quiet(
+        self, device: str, totals: DeviceTotals, t0: float, energy_j: float, duration_s: float
+    ) -> None:
+        """A quiet interval (power within ``QUIET_MARGIN`` of idle) means the server is done
+        with the aborted requests lingering on this device: they stop being weighed at ``t0``."""
+        if duration_s <= 0.0:
+            return
+        idle_w = self._idle_now_w(totals)
+        if energy_j > idle_w * duration_s * (1.0 + QUIET_MARGIN):
+            return
+        for rid, f in list(self._lingering.items()):
+            if device in f._open_on and f.end_s is not None:
+                f.work_end_s = f.end_s if f.end_s > t0 else t0
+                del self._lingering[rid]
+
     def _weights(
         self, device: str, flights: Mapping[str, Flight], t0: float, t1: float
     ) -> dict[str, float]:
@@ -289,19 +414,29 @@ class AttributionEngine:
         work = self.weighting is Weighting.WORK
         work_of = self._work
         for rid, f in flights.items():
-            start, end_s = f.start_s, f.end_s
+            if not f.charged:
+                continue
+            start, end_s = f.start_s, f.work_end_s
             end = t1 if end_s is None or not end_s < t1 else end_s
             overlap = end - (start if start > t0 else t0)
             if overlap <= 0.0 and not (start == end_s and t0 < start <= t1):
                 continue
             if not work:
+                last = f.last_token_s  # a stream gone silent is no longer in flight on it
+                if last is not None and t0 - last >= SILENT_AFTER_S and _silent(f, t0):
+                    continue
                 weights[rid] = MIN_SPAN_S if overlap < MIN_SPAN_S else overlap
                 continue
             weights[rid] = work_of(device, f, t0, t1, overlap)
         if work and weights and sum(weights.values()) <= 0.0:
-            for rid in weights:
+            # No request claims work in this interval: split it by time, except to streams that
+            # went silent (their upstream died or hangs); with none left it is unattributed.
+            for rid in list(weights):
                 f = flights[rid]
-                end = t1 if f.end_s is None else min(t1, f.end_s)
+                if _silent(f, t0):
+                    del weights[rid]
+                    continue
+                end = t1 if f.work_end_s is None else min(t1, f.work_end_s)
                 weights[rid] = max(end - max(t0, f.start_s), MIN_SPAN_S)
         return weights
 
@@ -311,36 +446,57 @@ class AttributionEngine:
         w = 0.0
         start = f.start_s
         # prefill: each request's prefill work is weighed once in total on each device, spread
-        # over start -> first byte; until the first byte, at an assumed prefill speed
+        # over start -> first byte; until the first byte, at an assumed prefill speed, so that
+        # a request merely queued weighs in an interval at most the prefill it could have done
+        # in it (its overlap at ASSUMED_PREFILL_TOKENS_PER_S), never its whole prompt
         total = p.prefill_j_per_token * p.prompt_tokens
         done = f._prefill_weighed.get(device, 0.0)
         if done < total:
             fb = f.first_byte_s
             if fb is not None and fb <= t1:
-                add = total - done
+                f._prefill_weighed[device] = total
+                w += total - done
             elif fb is not None:
                 span = fb - start
                 add = total * overlap / (MIN_SPAN_S if span < MIN_SPAN_S else span)
+                add = total - done if add > total - done else add
+                f._prefill_weighed[device] = done + add
+                w += add
             else:
                 expected_s = p.prompt_tokens / ASSUMED_PREFILL_TOKENS_PER_S
                 elapsed_s = t1 - start
                 expected_s = elapsed_s if elapsed_s > expected_s else expected_s
                 share = MIN_SPAN_S if overlap < MIN_SPAN_S else overlap
                 add = total * share / (MIN_SPAN_S if expected_s < MIN_SPAN_S else expected_s)
-            add = total - done if add > total - done else add
-            f._prefill_weighed[device] = done + add
-            w += add
+                add = total - done if add > total - done else add
+                f._prefill_weighed[device] = done + add
+                w += add
+        end_s, work_end = f.end_s, f.work_end_s
         if p.token_stream:
             weighed = f._tokens_weighed
             decoded = f.decoded_tokens
             w += p.decode_j_per_token * (decoded - weighed.get(device, 0.0))
             weighed[device] = decoded
+            if end_s is not None and work_end is not None and work_end > end_s:
+                # an aborted request's generation goes on at the speed it streamed
+                lo = t0 if t0 > end_s else end_s
+                hi = t1 if t1 < work_end else work_end
+                if hi > lo:
+                    w += p.decode_j_per_token * f.linger_tokens_per_s * (hi - lo)
         else:
-            span = (t1 if f.end_s is None else f.end_s) - start
+            span = (t1 if work_end is None else work_end) - start
             span = MIN_SPAN_S if span < MIN_SPAN_S else span
             share = MIN_SPAN_S if overlap < MIN_SPAN_S else overlap
             w += p.expected_j * share / span
         return w
+
+    def _idle_now_w(self, totals: DeviceTotals) -> float:
+        """The idle power as it stands (fixed, learned, or the lowest power seen)."""
+        if self.fixed_idle_power_w is not None:
+            return self.fixed_idle_power_w
+        if totals.idle_power_w is not None:
+            return totals.idle_power_w
+        return totals.min_power_w or 0.0
 
     def _idle_power_w(
         self, totals: DeviceTotals, energy_j: float, duration_s: float, quiet: bool
@@ -354,11 +510,7 @@ class AttributionEngine:
                 totals.idle_power_w = (
                     power_w if prev is None else prev + IDLE_EMA_ALPHA * (power_w - prev)
                 )
-        if self.fixed_idle_power_w is not None:
-            return self.fixed_idle_power_w
-        if totals.idle_power_w is not None:
-            return totals.idle_power_w
-        return totals.min_power_w or 0.0
+        return self._idle_now_w(totals)
 
     @staticmethod
     def _book(totals: DeviceTotals, split: IntervalSplit, energy_j: float) -> None:
@@ -369,11 +521,14 @@ class AttributionEngine:
 
     def _close(self, device: str, flights: dict[str, Flight], t_s: float) -> list[Flight]:
         done: list[Flight] = []
-        ended = [rid for rid, f in flights.items() if f.end_s is not None and f.end_s <= t_s]
+        ended = [
+            rid for rid, f in flights.items() if f.work_end_s is not None and f.work_end_s <= t_s
+        ]
         for rid in ended:
             f = flights.pop(rid)
             f._open_on.discard(device)
             if not f._open_on:
                 self._flights.pop(rid, None)
+                self._lingering.pop(rid, None)
                 done.append(f)
         return done

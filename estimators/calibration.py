@@ -239,6 +239,13 @@ class Calibration:
             relative_error=state.relative_error,
         )
 
+    def mean_completion_tokens(self, key: Key) -> float | None:
+        """The key's recent mean completion length, once it is fitted (``None`` before)."""
+        state = self._keys.get(key)
+        if state is None or state.rls.samples < self.min_samples:
+            return None
+        return state.mean_completion
+
     def predict_j(self, key: Key, features: Features) -> float | None:
         """The fitted energy of a request, or ``None`` when the key is not fitted or the fit
         gives no positive energy. Unknown features take the key's recent means; an unknown

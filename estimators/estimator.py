@@ -164,6 +164,15 @@ class Estimator:
         prior = priors.estimate(shape.task, shape.completion_tokens, shape.images)
         return Estimate(prior.energy_j, prior.basis, PRIOR)
 
+    def expected_completion_tokens(self, shape: RequestShape) -> float:
+        """How many tokens a request is expected to generate: the key's recent mean when
+        calibrated, else ``assumed_completion_tokens``; never more than the request's own limit
+        (``shape.completion_tokens``: its ``max_tokens`` at the start)."""
+        mean = self.calibration.mean_completion_tokens(self._key(shape))
+        expected = float(self.assumed_completion_tokens if mean is None else mean)
+        limit = shape.completion_tokens
+        return expected if limit is None or limit > expected else float(limit)
+
     def decode_j_per_token(
         self, upstream: str, model: str | None, task: str, concurrency: int = 1
     ) -> float:

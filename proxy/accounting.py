@@ -3,7 +3,19 @@ byte, streams tokens and ends; the sampler hands it meter readings. It feeds the
 engine, exports the device and request metrics, and passes each final record to the ledger.
 
 A request is ``measured`` when every interval of its life on its devices was read; it is
-``estimated`` (never zero) when its upstream has no metered device or the meter failed meanwhile.
+``estimated`` (never zero, unless the upstream did no work for it) when its upstream has no
+metered device or the meter failed meanwhile.
+
+A request whose client left before its generation was complete may still be computed by its
+server (llama.cpp finishes the slot's generation): it stays in flight, and its record open,
+while its expected remaining work is done (``estimators.attribution.abort_linger``), so that
+energy is not charged to the requests queued behind it.
+
+An answer for which the upstream did no inference (a 4xx, a 502, the proxy's own 504 before any
+response: ``no_work``) is charged nothing from its answer on: its share of the interval of its
+answer and of later ones goes to the requests that did work (unattributed when there are none).
+What the meter had split while the upstream held it, before the answer, stays charged (the
+engine splits each interval once); its basis says so.
 """
 
 from __future__ import annotations
@@ -15,8 +27,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from estimators.attribution import AttributionEngine, Flight
-from estimators.estimator import Estimator, RequestShape
+from estimators.attribution import AttributionEngine, Flight, Linger, abort_linger
+from estimators.estimator import LLM_TASKS, Estimator, RequestShape
 from estimators.meters.base import Reading
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord, utc_now_iso
@@ -31,6 +43,12 @@ DOWN_AFTER_S = 5.0
 MAX_MODEL_CHARS = 256
 #: Outcomes where the upstream never got the request: nothing to estimate.
 NOT_SERVED = frozenset(("upstream_unavailable", "payload_too_large", "client_timeout"))
+#: Outcomes where the client left (or the proxy stopped it) while the upstream had the request:
+#: its server may go on computing it.
+ABORTED = frozenset(("client_disconnect", "cancelled"))
+#: Outcomes where the upstream is gone: once it answered, it stopped working at its last byte the
+#: proxy saw, however long the proxy took to notice (an idle timeout, a slow client).
+UPSTREAM_GONE = frozenset(("upstream_reset", "upstream_timeout", "upstream_unavailable"))
 
 
 @dataclass(slots=True)
@@ -40,7 +58,22 @@ class OpenRequest:
     devices: tuple[str, ...]
     t_start_s: float
     t_first_byte_s: float | None = None
+    t_last_token_s: float | None = None
     ended: bool = False
+    no_work: bool = False
+
+
+def no_work(status: int, outcome: str, answered: bool) -> bool:
+    """Whether the upstream did no inference for a request that ended with ``status``: a 4xx
+    (invalid, too long, unknown model, rate limited), a 502 (the upstream's, or the proxy's when
+    it got no answer), or the proxy's own 504 before any response. Other 5xx may come after
+    work (a 500 after generating) and are charged as measured. Until a response arrives the
+    proxy's status is a 502 placeholder: a client gone before it is an abort, not an answer."""
+    if 400 <= status < 500:
+        return True
+    if status == 502:
+        return answered or outcome not in ABORTED
+    return status == 504 and outcome == "upstream_timeout" and not answered
 
 
 class Accountant:
@@ -135,8 +168,10 @@ class Accountant:
                 self.engine.first_byte(req.record.request_id, now)
 
     def tokens(self, req: OpenRequest, count: int) -> None:
-        if req.devices and count:
-            self.engine.tokens(req.record.request_id, count)
+        if count:
+            now = req.t_last_token_s = self.clock()
+            if req.devices:
+                self.engine.tokens(req.record.request_id, count, now)
 
     def end(self, req: OpenRequest, status: int, usage: Usage, outcome: str = "ok") -> None:
         """The response is over (or broke off): close its timing and wait for the meter."""
@@ -148,7 +183,11 @@ class Accountant:
         rec.status = status
         rec.outcome = outcome
         rec.ended_at = utc_now_iso()
-        rec.duration_s = now - req.t_start_s
+        t_end = now
+        if outcome in UPSTREAM_GONE and req.t_first_byte_s is not None:
+            last = req.t_last_token_s
+            t_end = last if last is not None and last > req.t_first_byte_s else req.t_first_byte_s
+        rec.duration_s = t_end - req.t_start_s
         rec.prompt_tokens = usage.prompt_tokens
         rec.completion_tokens = usage.completion_tokens
         rec.tokens_source = usage.tokens_source
@@ -181,15 +220,39 @@ class Accountant:
             series.prompt_tokens.inc(usage.prompt_tokens)
         if usage.completion_tokens:
             series.completion_tokens.inc(usage.completion_tokens)
+        req.no_work = no_work(status, outcome, req.t_first_byte_s is not None)
         if not req.devices:
             self._finalize(req, None)
             return
+        linger = None
+        if outcome in ABORTED and not req.no_work:
+            linger = self._linger(req, shape, usage)
         if usage.prompt_tokens is not None:
             self.engine.set_prompt_tokens(rec.request_id, usage.prompt_tokens)
         self._change_load(req.devices, rec.task, -1, now)
-        flight = self.engine.end(rec.request_id, now)
+        flight = self.engine.end(rec.request_id, t_end, linger, charge=not req.no_work)
         if flight is not None and flight.final:
             self._finalize(req, flight)
+
+    def _linger(self, req: OpenRequest, shape: RequestShape, usage: Usage) -> Linger | None:
+        """The work an aborted generation still has ahead on its server, if any: none once it
+        was complete (a non-streamed answer had arrived, or the server's final usage had)."""
+        if req.record.task not in LLM_TASKS:
+            return None
+        flight = self.engine.flight(req.record.request_id)
+        if flight is None:
+            return None
+        if req.t_first_byte_s is not None and (
+            not flight.profile.token_stream
+            or (usage.tokens_source == "server" and usage.completion_tokens is not None)
+        ):
+            return None
+        return abort_linger(
+            flight.decoded_tokens,
+            self.estimator.expected_completion_tokens(shape),
+            req.t_first_byte_s,
+            req.t_last_token_s,
+        )
 
     def provisional(self, request_id: str) -> RequestRecord | None:
         """The record as it stands, with the energy attributed so far (``final`` false)."""
@@ -289,13 +352,34 @@ class Accountant:
         if rec.task == OTHER or (flight is None and rec.outcome in NOT_SERVED):
             rec.energy_j, rec.co2e_g, rec.source = 0.0, 0.0, "estimated"
             rec.basis = "no inference" if rec.task == OTHER else "not served upstream"
+        elif req.no_work:
+            what = f"no work upstream (HTTP {rec.status})"
+            if flight is not None and flight.gaps == 0:
+                rec.energy_j, rec.co2e_g, rec.source = flight.energy_j, flight.co2e_g, "measured"
+                rec.basis = (
+                    f"{what}: not charged from its answer on, only its share measured before "
+                    "its answer, while the upstream held it"
+                )
+            else:
+                rec.energy_j, rec.co2e_g, rec.source = 0.0, 0.0, "estimated"
+                rec.basis = f"{what}: not charged"
         elif flight is not None and flight.gaps == 0:
             rec.energy_j, rec.co2e_g, rec.source = flight.energy_j, flight.co2e_g, "measured"
-            rec.basis = "measured"
-            self.estimator.observe(req.shape, flight.energy_j)
-            error = self.estimator.last_relative_error()
-            if error is not None:
-                self.metrics.estimator_error.observe(error)
+            lingered_s = flight.lingered_s
+            if lingered_s > 0.0:
+                # its energy includes tokens nobody counted: not a sample for calibration
+                rec.basis = (
+                    "measured; the client left before its generation was complete, so it is "
+                    f"charged until its expected remaining work was done ({lingered_s:.1f} s "
+                    "after it ended)"
+                )
+                rec.extra["linger_s"] = round(lingered_s, 3)
+            else:
+                rec.basis = "measured"
+                self.estimator.observe(req.shape, flight.energy_j)
+                error = self.estimator.last_relative_error()
+                if error is not None:
+                    self.metrics.estimator_error.observe(error)
         else:
             estimate = self.estimator.estimate(req.shape)
             rec.energy_j = estimate.energy_j

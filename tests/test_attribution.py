@@ -10,10 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from estimators.attribution import (
+    ASSUMED_DECODE_TOKENS_PER_S,
+    MAX_LINGER_S,
+    SILENT_AFTER_S,
     AttributionEngine,
     IdlePolicy,
     Weighting,
     WorkProfile,
+    abort_linger,
     split_interval,
 )
 
@@ -84,7 +88,9 @@ def test_split_interval_conserves(
 # -- the engine under random interleavings -------------------------------------------------
 
 event = st.tuples(
-    st.sampled_from(["start", "first_byte", "tokens", "end", "sample", "prompt"]),
+    st.sampled_from(
+        ["start", "first_byte", "tokens", "end", "abort", "no_work", "sample", "prompt"]
+    ),
     st.integers(0, 7),  # request index
     st.floats(0.0, 0.5),  # time step
     st.floats(0.0, 500.0),  # energy or tokens
@@ -109,6 +115,7 @@ def test_invariant_under_any_interleaving(
     t = 0.0
     started: dict[str, bool] = {}
     finals: dict[str, float] = {}
+    uncharged: dict[str, float] = {}  # answers without upstream work: energy at their end
     for kind, i, dt, value, device in events:
         t += dt
         rid = f"r{i}"
@@ -120,11 +127,16 @@ def test_invariant_under_any_interleaving(
         elif kind == "first_byte":
             engine.first_byte(rid, t)
         elif kind == "tokens":
-            engine.tokens(rid, int(value) % 7)
+            engine.tokens(rid, int(value) % 7, t if i % 2 == 0 else None)
         elif kind == "prompt":
             engine.set_prompt_tokens(rid, value)
-        elif kind == "end" and rid in started and not started[rid]:
-            engine.end(rid, t)
+        elif kind in ("end", "abort", "no_work") and rid in started and not started[rid]:
+            # an aborted request lingers while its expected remaining work goes on; an answer
+            # without upstream work gets nothing from its end on
+            linger = abort_linger(value % 40, 40, 0.0, dt) if kind == "abort" else None
+            flight = engine.end(rid, t, linger, charge=kind != "no_work")
+            if kind == "no_work" and flight is not None:
+                uncharged[rid] = flight.energy_j
             started[rid] = True
         elif kind == "sample":
             _, done = engine.sample(device, t, value, g_per_j=0.001)
@@ -137,6 +149,18 @@ def test_invariant_under_any_interleaving(
     assert_conserved(engine, {**finals, **in_flight})
     for f in engine._flights.values():
         assert f.energy_j >= 0
+    # nothing lingers for ever: past the longest linger, every ended request is final
+    later = t + MAX_LINGER_S + 1.0
+    for device in ("gpu0", "gpu1"):
+        _, done = engine.sample(device, later, 1.0)
+        for f in done:
+            assert f.request_id not in finals, "a request finalized twice"
+            finals[f.request_id] = f.energy_j
+    assert {rid for rid, ended in started.items() if ended} <= set(finals)
+    in_flight = {rid: f.energy_j for rid, f in engine._flights.items()}
+    assert_conserved(engine, {**finals, **in_flight})
+    for rid, at_end_j in uncharged.items():
+        assert finals[rid] == at_end_j, "an answer without upstream work was charged after it"
 
 
 @settings(max_examples=100, deadline=None)
@@ -276,3 +300,159 @@ def test_gap_marks_flights_and_drop_device_releases_ended_ones() -> None:
     done = engine.drop_device("gpu0", 6.0)
     assert [f.request_id for f in done] == ["a"]
     assert done[0].gaps >= 1
+
+
+# -- an aborted request whose work goes on ---------------------------------------------------
+
+
+def _abort_then_new_request(weighting: Weighting) -> tuple[AttributionEngine, dict[str, float]]:
+    """A single-slot server (llama.cpp): A streams 20 tokens/s, its client aborts at t=1, and the
+    server goes on generating A's tokens until t=7 (max_tokens 140). B arrives at t=1.5, waits
+    for the slot, prefills 1,000 tokens over 7.0-7.2 and streams until t=9. The device draws
+    60 W idle plus 200 W whenever it works (0-9 s). Returns the engine and the joules each
+    request got inside 1-7 s."""
+    engine = AttributionEngine(weighting, IdlePolicy.EXCLUDE, idle_power_w=60.0)
+    stream = WorkProfile(100, 0.1, 1.0, 1.0, token_stream=True)
+    engine.sample("gpu0", 0.0, 0.0)
+    flights = {"A": engine.start("A", ["gpu0"], 0.0, stream)}
+    events: list[tuple[float, int, str]] = [(0.05, 0, "A first byte")]
+    events += [(round(0.05 * k, 2), 1, "A token") for k in range(1, 21)]  # 0.05 .. 1.0
+    events += [(1.0, 2, "A aborted"), (1.5, 0, "B start"), (7.2, 0, "B first byte")]
+    events += [(round(7.2 + 0.05 * k, 2), 1, "B token") for k in range(0, 37)]
+    events += [(9.0, 2, "B end")]
+    events += [(round(0.1 * k, 1), 3, "sample") for k in range(1, 121)]
+    inside: dict[str, float] = {"A": 0.0, "B": 0.0}
+    for t, _order, what in sorted(events):
+        if what == "A first byte":
+            engine.first_byte("A", t)
+        elif what == "A token":
+            engine.tokens("A", 1, t)
+        elif what == "A aborted":
+            linger = abort_linger(
+                decoded_tokens=20, expected_tokens=140, first_byte_s=0.05, last_token_s=1.0
+            )
+            engine.end("A", t, linger=linger)
+        elif what == "B start":
+            b = WorkProfile(1000, 0.1, 1.0, 1.0, token_stream=True)
+            flights["B"] = engine.start("B", ["gpu0"], t, b)
+        elif what == "B first byte":
+            engine.first_byte("B", t)
+        elif what == "B token":
+            engine.tokens("B", 1, t)
+        elif what == "B end":
+            engine.end("B", t)
+        else:
+            before = {rid: f.energy_j for rid, f in flights.items()}
+            engine.sample("gpu0", t, 6.0 + (20.0 if t <= 9.0 + 1e-9 else 0.0))
+            if 1.0 < t <= 7.0 + 1e-9:
+                for rid, f in flights.items():
+                    inside[rid] += f.energy_j - before[rid]
+    return engine, inside
+
+
+def test_an_aborted_request_keeps_the_energy_of_its_work_that_goes_on() -> None:
+    """The server finishes A's generation after its client left: 1-7 s is A's work, not the
+    queued request's (it was charged 94 % of that energy when A's flight closed at the abort)."""
+    _engine, inside = _abort_then_new_request(Weighting.WORK)
+    drawn_j = 60 * 20.0  # 200 W of work over 1-7 s
+    assert inside["A"] >= 0.9 * drawn_j
+    # B only waits: what it may get is its prompt's prefill at the assumed speed (0.2 s)
+    assert inside["B"] <= 0.05 * drawn_j
+
+
+def test_under_time_weighting_a_lingering_request_keeps_its_time_share() -> None:
+    """Its tokens are no longer relayed, yet it is not a stream gone silent: its work goes on."""
+    _engine, inside = _abort_then_new_request(Weighting.TIME)
+    # 1.0-1.5 s alone, 1.5-7.0 s shared evenly with the queued request
+    assert inside["A"] == pytest.approx(20.0 * (5 + 55 / 2), rel=0.02)
+
+
+def test_an_aborted_request_is_final_only_when_its_remaining_work_is_done() -> None:
+    engine = AttributionEngine(Weighting.WORK, IdlePolicy.EXCLUDE, idle_power_w=60.0)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.start("A", ["gpu0"], 0.0, WorkProfile(10, 0.1, 1.0, 1.0, token_stream=True))
+    engine.first_byte("A", 0.1)
+    engine.tokens("A", 11)
+    engine.end("A", 0.6, linger=abort_linger(11, 31, first_byte_s=0.1, last_token_s=0.6))
+    finals: list[str] = []
+    for k in range(1, 31):
+        _, done = engine.sample("gpu0", 0.1 * k, 26.0)
+        finals += [f"{f.request_id}@{k / 10:g}" for f in done]
+    assert finals == ["A@1.6"]  # 20 tokens left at the 20 tokens/s it streamed: 0.6 + 1.0 s
+
+
+def test_a_lingering_request_is_closed_when_its_device_goes_quiet() -> None:
+    """vLLM stops an aborted request at once: the device falls back to idle, and the flight
+    closes there instead of waiting out its expected work."""
+    engine = AttributionEngine(Weighting.WORK, IdlePolicy.EXCLUDE, idle_power_w=60.0)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.start("A", ["gpu0"], 0.0, WorkProfile(10, 0.1, 1.0, 1.0, token_stream=True))
+    engine.first_byte("A", 0.1)
+    engine.tokens("A", 11)
+    engine.end("A", 0.6, linger=abort_linger(11, 500, first_byte_s=0.1, last_token_s=0.6))
+    engine.sample("gpu0", 0.7, 26.0 * 7)
+    _, done = engine.sample("gpu0", 0.8, 6.0)  # idle
+    assert [f.request_id for f in done] == ["A"]
+    assert done[0].energy_j == pytest.approx(20.0 * 7)
+
+
+def test_abort_linger_uses_the_observed_decode_speed_and_is_capped() -> None:
+    seen = abort_linger(21, 141, first_byte_s=0.0, last_token_s=1.0)
+    assert seen is not None
+    assert seen.tokens_per_s == pytest.approx(20.0)
+    assert seen.duration_s == pytest.approx(6.0)
+    assert abort_linger(141, 141, first_byte_s=0.0, last_token_s=7.0) is None  # done
+    blind = abort_linger(0, 100, first_byte_s=None, last_token_s=None)  # before a token
+    assert blind is not None
+    assert blind.tokens_per_s == ASSUMED_DECODE_TOKENS_PER_S
+    capped = abort_linger(2, 100_000, first_byte_s=0.0, last_token_s=1.0)
+    assert capped is not None and capped.duration_s == MAX_LINGER_S
+
+
+def test_a_queued_request_weighs_at_most_the_prefill_it_could_have_done() -> None:
+    """While it waits for its first byte, a request with a long prompt weighs, per interval, its
+    overlap's worth of prefill at ASSUMED_PREFILL_TOKENS_PER_S, not its whole prompt."""
+    engine = AttributionEngine(Weighting.WORK, IdlePolicy.INCLUDE)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.start("s", ["gpu0"], 0.0, WorkProfile(0, 0.1, 1.0, 1.0, token_stream=True))
+    engine.first_byte("s", 0.0)
+    engine.start("w", ["gpu0"], 0.05, WorkProfile(100_000, 0.1, 1.0, 1.0, token_stream=True))
+    engine.tokens("s", 25)  # 25 J of decode work in the interval
+    engine.sample("gpu0", 0.1, 100.0)
+    # 0.05 s at 5,000 tokens/s: 250 prompt tokens x 0.1 J = 25 J of its 10,000 J prefill
+    assert engine.flight("w").energy_j == pytest.approx(50.0)
+    assert engine.flight("s").energy_j == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("weighting", list(Weighting))
+def test_a_stream_gone_silent_gets_no_share_of_the_fallback(weighting: Weighting) -> None:
+    """A stream that sent tokens and then none for SILENT_AFTER_S (its upstream died or hangs)
+    stops taking the time split (the fallback of work weighting, all of time weighting):
+    energy no one claims is unattributed, not its."""
+    engine = AttributionEngine(weighting, IdlePolicy.EXCLUDE, idle_power_w=60.0)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.start("s", ["gpu0"], 0.0, WorkProfile(0, 0.1, 1.0, 1.0, token_stream=True))
+    engine.first_byte("s", 0.05)
+    engine.tokens("s", 4, t_s=0.1)
+    for k in range(1, 51):
+        engine.sample("gpu0", 0.1 * k, 21.0)  # 150 W over idle, every 0.1 s, for 5 s
+    f = engine.flight("s")
+    assert f is not None
+    assert f.energy_j <= 150.0 * (0.1 + SILENT_AFTER_S + 0.1) + 1e-9  # 150 W over idle
+    assert engine.devices["gpu0"].no_requests_j >= 150.0 * (5.0 - SILENT_AFTER_S - 0.3)
+
+
+def test_intervals_with_requests_that_claim_nothing_are_not_learned_as_idle() -> None:
+    """A silent stream or an answer without upstream work leaves an interval unclaimed: it is
+    unattributed, but it is no quiet interval to learn the idle power from."""
+    engine = AttributionEngine(Weighting.WORK, IdlePolicy.EXCLUDE, idle_power_w=None)
+    engine.sample("gpu0", 0.0, 0.0)
+    engine.sample("gpu0", 1.0, 60.0)  # quiet: 60 W idle learned
+    engine.start("s", ["gpu0"], 1.0, WorkProfile(0, 0.1, 1.0, 1.0, token_stream=True))
+    engine.first_byte("s", 1.0)
+    engine.tokens("s", 4, t_s=1.0)
+    engine.start("n", ["gpu0"], 1.0, WorkProfile(10, 0.1, 1.0, 1.0, token_stream=True))
+    engine.end("n", 9.0, charge=False)
+    for k in range(3, 9):
+        engine.sample("gpu0", float(k), 260.0)  # busy, claimed by no one
+    assert engine.devices["gpu0"].idle_power_w == pytest.approx(60.0)
