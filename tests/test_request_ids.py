@@ -7,6 +7,7 @@ key, unless a request with that id is in flight in this process."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
+from estimators.meters.base import Meter, Reading
+from estimators.meters.simulated import SimulatedMeter
+from proxy.app import FORWARDER
 from proxy.ledger.base import Ledger
 from proxy.standin import StandIn
 from tests.conftest import ProxyFactory, proxy_config, url_of
@@ -193,8 +197,48 @@ async def test_the_same_id_sent_twice_at_once_makes_two_records(
         if rec.request_id != "dup":
             assert rec.extra["client_request_id"] == "dup"
         assert rec.energy_j > 0
-    assert await used_today(parts.ledger, "carol") == (2, pytest.approx(sum_g(records)))
+    # records keep grams to 1e-9 g (to_dict rounds them); the day's totals are not rounded
+    assert await used_today(parts.ledger, "carol") == (2, pytest.approx(sum_g(records), abs=1e-8))
     assert parts.accountant.requests == {}
+
+
+async def test_a_trusted_id_is_held_while_its_body_is_still_coming(
+    upstream: TestServer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """The window before the accountant knows a request (body read, budget check): a second
+    request with the same trusted id meanwhile gets a fresh one."""
+    cfg = proxy_config(url_of(upstream), tmp_path, identity={"trust_request_id": True})
+    server, parts = await make_proxy(cfg)
+    forwarder = server.app[FORWARDER]
+    rest = asyncio.Event()
+
+    async def slow_body() -> Any:
+        yield b'{"model": "m", "messages": [{"role": "user", "content": "hi"}],'
+        await rest.wait()
+        yield b' "max_tokens": 4}'
+
+    async with aiohttp.ClientSession() as s:
+
+        async def first() -> tuple[int, str]:
+            headers = {"X-Request-Id": "gw-9", "Content-Type": "application/json"}
+            async with s.post(
+                url_of(server) + "/v1/chat/completions", data=slow_body(), headers=headers
+            ) as r:
+                await r.read()
+                return r.status, r.headers["X-Request-Id"]
+
+        task = asyncio.create_task(first())
+        async with asyncio.timeout(10):
+            while not forwarder.in_flight("gw-9"):
+                await asyncio.sleep(0.01)
+        assert "gw-9" not in parts.accountant.requests  # still reading its body
+        status, second = await post_chat(s, url_of(server), "gw-9")
+        rest.set()
+        assert await task == (200, "gw-9")
+    assert status == 200 and second != "gw-9"
+    await settle(parts)
+    rec = await parts.ledger.get(second)
+    assert rec is not None and rec.extra["client_request_id"] == "gw-9"
 
 
 def sum_g(records: list[Any]) -> float:
@@ -244,3 +288,53 @@ async def test_errors_the_proxy_answers_itself_follow_the_same_rule(
 
 def test_trust_request_id_defaults_to_false(tmp_path: Path) -> None:
     assert proxy_config("http://127.0.0.1:9", tmp_path).identity.trust_request_id is False
+
+
+class HeldMeter(Meter):
+    """The simulated meter behind a tap: with ``flowing`` clear, a read waits until it is set
+    again, so no record can turn final meanwhile (records wait for a reading past their end)."""
+
+    kind = "simulated"
+
+    def __init__(self) -> None:
+        self.accountant: Any = None  # set once the proxy is built: the load comes from it
+        self.inner = SimulatedMeter(
+            lambda: self.accountant.load() if self.accountant is not None else {}, noise=0.0
+        )
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.waiting = threading.Event()
+
+    def devices(self) -> list[str]:
+        return self.inner.devices()
+
+    def read(self) -> Reading:
+        if not self.flowing.is_set():
+            self.waiting.set()
+            self.flowing.wait()
+        return self.inner.read()
+
+
+async def test_a_trusted_id_still_being_accounted_for_is_not_reused(
+    upstream: TestServer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    meter = HeldMeter()
+    cfg = proxy_config(url_of(upstream), tmp_path, identity={"trust_request_id": True})
+    server, parts = await make_proxy(cfg, meter=meter)
+    meter.accountant = parts.accountant
+    meter.flowing.clear()
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.to_thread(meter.waiting.wait)  # no reading can be on its way now
+        async with aiohttp.ClientSession() as s:
+            first = await post_chat(s, url_of(server), "gw-7")
+            assert first == (200, "gw-7")
+            assert "gw-7" in parts.accountant.requests  # answered, its energy not yet known
+            status, second = await post_chat(s, url_of(server), "gw-7")
+        assert status == 200 and second != "gw-7"
+    finally:
+        meter.flowing.set()
+    await settle(parts)
+    rec = await parts.ledger.get(second)
+    assert rec is not None and rec.extra["client_request_id"] == "gw-7"
+    assert await parts.ledger.get("gw-7") is not None
