@@ -35,7 +35,7 @@ from proxy.config import Config, UpstreamConfig
 from proxy.emissions import Emissions, RecentRecords
 from proxy.errors import ProxyError
 from proxy.forward import BudgetCheck, Forwarder, check_framing, check_target, json_error
-from proxy.headers import request_id
+from proxy.headers import client_request_id, request_id
 from proxy.identity import IdentityResolver, KeyStore
 from proxy.ledger.base import Ledger, open_ledger, redacted_url
 from proxy.ledger.spool import Spool
@@ -129,7 +129,9 @@ async def refuse_foreign_targets(request: web.Request, handler: Handler) -> web.
         check_target(request.method, request.raw_path, request.path)
         check_framing(request.headers.get("Transfer-Encoding"))
     except ProxyError as err:
-        resp = json_error(err, request_id(request.headers.get("X-Request-Id")))
+        client_id = client_request_id(request.headers.get("X-Request-Id"))
+        trust = request.app[PARTS].cfg.identity.trust_request_id
+        resp = json_error(err, request_id(client_id, trust=trust))
         if request.body_exists:
             resp.force_close()  # the unread body must never be taken for the next request
         return resp

@@ -157,6 +157,9 @@ class LedgerConfig(_Model):
 class IdentityConfig(_Model):
     keys_file: str | None = None
     allow_header_identity: bool = False
+    #: key requests by the client's X-Request-Id (behind a gateway that issues unique ids);
+    #: false: the proxy makes its own, and keeps the client's as ``client_request_id``
+    trust_request_id: bool = False
 
 
 class Budget(_Model):

@@ -30,7 +30,13 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.headers import REQUEST_DROP, RESPONSE_DROP, filter_headers, request_id
+from proxy.headers import (
+    REQUEST_DROP,
+    RESPONSE_DROP,
+    client_request_id,
+    filter_headers,
+    request_id,
+)
 from proxy.identity import Identity, IdentityResolver
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord, utc_now_iso
@@ -226,6 +232,8 @@ class Forwarder:
         self.model_tasks = model_tasks if model_tasks is not None else {}
         self.budget_check = budget_check
         self.upstream_keys = upstream_keys or {}
+        #: trusted client ids being handled, before the accountant holds them (budget, body)
+        self._claimed: set[str] = set()
 
     def reconfigure(
         self,
@@ -244,7 +252,13 @@ class Forwarder:
         self.upstream_keys = upstream_keys
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        rid = request_id(request.headers.get("X-Request-Id"))
+        client_id = client_request_id(request.headers.get("X-Request-Id"))
+        rid = request_id(
+            client_id, trust=self.cfg.identity.trust_request_id, in_flight=self.in_flight
+        )
+        claimed = rid == client_id  # only a client's id can come twice: held until accounted
+        if claimed:
+            self._claimed.add(rid)
         task: str | None = None
         try:  # the target was checked by the app's middleware (check_target)
             who = self.identity.resolve(request.headers)
@@ -266,11 +280,18 @@ class Forwarder:
                     images=plan.images,
                 )
                 await self.budget_check(who, rid, shape)
-            return await self._forward(request, rid, who, upstream, task, plan, data)
+            return await self._forward(request, rid, who, upstream, task, plan, data, client_id)
         except ProxyError as err:
             if err.status == 429:
                 self.metrics.budget_rejections.labels(err.extra.get("scope", "user")).inc()
             return json_error(err, rid, task)
+        finally:
+            if claimed:
+                self._claimed.discard(rid)
+
+    def in_flight(self, rid: str) -> bool:
+        """A request with this id is being handled or accounted for (until its record is final)."""
+        return rid in self._claimed or rid in self.accountant.requests
 
     async def _read_and_route(
         self, request: web.Request
@@ -348,6 +369,7 @@ class Forwarder:
         task: str,
         plan: RequestPlan,
         data: Any,
+        client_id: str | None = None,
     ) -> web.StreamResponse:
         record = RequestRecord(
             request_id=rid,
@@ -361,6 +383,8 @@ class Forwarder:
             end_user=plan.end_user,
             key_id=who.key_id,
         )
+        if client_id is not None and client_id != rid:
+            record.extra["client_request_id"] = client_id  # for the client's own correlation
         req = self.accountant.begin(
             record,
             upstream.devices,

@@ -1,5 +1,5 @@
 """Header rules of a reverse proxy (RFC 9110 7.6.1): hop-by-hop headers, and those named in
-``Connection``, are dropped both ways; request ids are honoured when sane. Pure."""
+``Connection``, are dropped both ways; and which request id the proxy keys a request by. Pure."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import os
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -62,10 +62,33 @@ def _dropped(extra_drop: frozenset[str]) -> frozenset[str]:
     return HOP_BY_HOP | {h.lower() for h in extra_drop}
 
 
-def request_id(client_value: str | None) -> str:
-    """The client's ``X-Request-Id`` when it is short and plain, else a fresh one: 128 random
-    bits as 32 hex digits, like ``uuid.uuid4().hex`` but without its ``os.urandom`` syscall
-    per id (ids need not be secret: records are access-checked by user)."""
-    if client_value and _SANE_ID.match(client_value):
-        return client_value
+def client_request_id(value: str | None) -> str | None:
+    """The client's ``X-Request-Id`` when it is short and plain, else ``None``."""
+    if value and _SANE_ID.match(value):
+        return value
+    return None
+
+
+def new_request_id() -> str:
+    """A fresh id: 128 random bits as 32 hex digits, like ``uuid.uuid4().hex`` but without its
+    ``os.urandom`` syscall per id (ids need not be secret: records are access-checked by user)."""
     return f"{_ids.getrandbits(128):032x}"
+
+
+def request_id(
+    client_id: str | None,
+    *,
+    trust: bool,
+    in_flight: Callable[[str], bool] = lambda _: False,
+) -> str:
+    """The id a request is keyed by (response, record, ledger, budgets, upstream). Ledgers store
+    an id once, so a client's own id is used only when ``trust`` says the ids come from a
+    gateway that makes them unique (``identity.trust_request_id``), and even then not while a
+    request with that id is ``in_flight`` in this process; otherwise a fresh one.
+
+    Args:
+        client_id: the client's plain id (``client_request_id``), or ``None``.
+    """
+    if trust and client_id is not None and not in_flight(client_id):
+        return client_id
+    return new_request_id()

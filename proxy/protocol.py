@@ -15,7 +15,7 @@ from aiohttp.web_request import BaseRequest
 
 from proxy.errors import BadRequest, ProxyError
 from proxy.forward import json_error
-from proxy.headers import request_id
+from proxy.headers import new_request_id
 
 #: The longest reason taken from a parser message (llhttp's reasons are short phrases).
 MAX_REASON_CHARS = 80
@@ -49,7 +49,7 @@ class JsonErrorRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         # aiohttp's own: logs (one line, see app.PeerErrorLog) and refuses once bytes are out
         super().handle_error(request, status, exc, message)
-        resp = json_error(refusal(status, exc), request_id(None))
+        resp = json_error(refusal(status, exc), new_request_id())
         resp.force_close()
         return resp
 

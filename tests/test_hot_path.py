@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from proxy.headers import request_id
+from proxy.headers import new_request_id
 from proxy.metrics import OTHER, Metrics
 from proxy.records import SPEC_FIELDS, RequestRecord, dumps_doc, utc_iso, utc_now_iso, utcnow
 from proxy.usage.base import Framer, SSEFramer
@@ -104,9 +104,9 @@ def test_request_ids_unique_and_unaffected_by_random_seed() -> None:
     import random
 
     random.seed(0)
-    first = request_id(None)
+    first = new_request_id()
     random.seed(0)
-    ids = {request_id(None) for _ in range(10_000)} | {first}
+    ids = {new_request_id() for _ in range(10_000)} | {first}
     assert len(ids) == 10_001
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
@@ -116,13 +116,13 @@ def test_forked_children_draw_other_ids() -> None:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        os.write(write, request_id(None).encode())
+        os.write(write, new_request_id().encode())
         os._exit(0)
     os.close(write)
     os.waitpid(pid, 0)
     child = os.read(read, 64).decode()
     os.close(read)
-    assert len(child) == 32 and child != request_id(None)
+    assert len(child) == 32 and child != new_request_id()
 
 
 def test_cached_children_count_like_labels() -> None:

@@ -307,7 +307,10 @@ async def test_headers_hop_by_hop_and_request_id(
     aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     scripted, up = await scripted_server(aiohttp_server)
-    proxy, _ = await make_proxy(proxy_config(url_of(up), tmp_path))
+    # behind a gateway that issues unique ids (by default the proxy makes its own:
+    # tests/test_request_ids.py)
+    cfg = proxy_config(url_of(up), tmp_path, identity={"trust_request_id": True})
+    proxy, _ = await make_proxy(cfg)
     headers = {
         "Connection": "keep-alive, X-Secret-Hop",
         "X-Secret-Hop": "1",

@@ -8,7 +8,7 @@ from multidict import CIMultiDict
 from proxy.config import UpstreamConfig
 from proxy.errors import BadRequest
 from proxy.forward import check_target
-from proxy.headers import filter_headers, request_id
+from proxy.headers import client_request_id, filter_headers, request_id
 from proxy.routing import Router
 from proxy.tasks import OTHER, task_for
 
@@ -90,10 +90,19 @@ def test_filter_headers_drops_hop_by_hop_and_connection_named() -> None:
     ],
 )
 def test_request_id(given: str | None, kept: bool) -> None:
-    rid = request_id(given)
-    assert (rid == given) is kept
+    plain = client_request_id(given)
+    assert plain == (given if kept else None)
+    # the key: the client's plain id only when trusted and not in flight, else a fresh one
+    trusted = request_id(plain, trust=True)
+    assert (trusted == given) is kept
+    fresh = [
+        request_id(plain, trust=False),
+        request_id(plain, trust=True, in_flight=lambda rid: True),
+    ]
     if not kept:
-        assert len(rid) == 32
+        fresh.append(trusted)
+    for rid in fresh:
+        assert rid != given and len(rid) == 32 and int(rid, 16) >= 0
 
 
 @pytest.mark.parametrize(

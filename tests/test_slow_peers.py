@@ -304,7 +304,13 @@ async def test_client_gone_while_upstream_thinks_cancels_the_upstream_request(
 ) -> None:
     thinker = Thinker()
     up = await aiohttp_server(thinker.app())
-    cfg = proxy_config(url_of(up), tmp_path, listen=listen(read_timeout_s=30))
+    # the client leaves before any answer: the record is found by the id it sent, trusted
+    cfg = proxy_config(
+        url_of(up),
+        tmp_path,
+        listen=listen(read_timeout_s=30),
+        identity={"trust_request_id": True},
+    )
     async with running(cfg) as svc:
         base = f"http://127.0.0.1:{svc.port}"
         s = aiohttp.ClientSession()

@@ -88,6 +88,9 @@ async def test_soak_mixed_traffic_with_aborts_and_faults(
         tmp_path,
         upstreams=[{"name": "llm", "url": url_of(up), "timeouts": {"first_byte_s": 0.5}}],
         listen={"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5},
+        # every request sends its own unique id, as a gateway would: the records are found by
+        # them, aborted requests' too
+        identity={"trust_request_id": True},
     )
     gc.collect()
     fds_before = open_fds()
