@@ -69,6 +69,7 @@ EXTRA_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "wattproxy_estimator_relative_error": ("histogram", ()),
     "wattproxy_attributed_energy_joules_total": ("counter", ("device",)),
     "wattproxy_carbon_provider_info": ("gauge", ("provider", "zone", "fallback")),
+    "wattproxy_request_outcomes_total": ("counter", ("upstream", "outcome")),
 }
 
 #: Labels Prometheus adds to every scraped series.
@@ -382,6 +383,7 @@ LABEL_VALUES = {
     "scope": ["user"],
     "provider": ["static"],
     "fallback": ["false"],
+    "outcome": ["ok", "upstream_error"],
 }
 STEP_S = 15
 STEPS = 240  # one hour
