@@ -10,9 +10,9 @@ Prefill (per prompt token; compute-bound, about 2 FLOPs per parameter per token)
 
     prefill_j_per_token = active_params_b * PREFILL_J_PER_TOKEN_PER_B * accelerator factor
 
-Parameters are counted from a model's ``config.json`` through transformers' config classes (no
-weights loaded, nothing downloaded); mixture-of-experts models count only the experts a token
-is routed to. Pure functions over frozen dataclasses, except ``load_config`` which reads a folder.
+Parameters come from the model's card (``estimators.model_card``: its ``config.json`` through
+transformers' config classes, no weights loaded, nothing downloaded); mixture-of-experts models
+count only the experts a token is routed to. Pure functions over frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from estimators.errors import EstimatorError
+from estimators.model_card import read_model_card
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class LeaderboardPoint:
 
 
 #: ML.ENERGY leaderboard v3, vLLM on NVIDIA H100 SXM, chat task, GPU energy per output token.
-#: Parameter counts are what ``count_params`` gives for the models' configs.
+#: Parameter counts are what ``model_card.count_params`` gives for the models' configs.
 LEADERBOARD_V3_H100: tuple[LeaderboardPoint, ...] = (
     LeaderboardPoint("meta-llama/Llama-3.1-8B-Instruct", 8.03, 1, 8, 0.455),
     LeaderboardPoint("meta-llama/Llama-3.1-8B-Instruct", 8.03, 1, 64, 0.119),
@@ -78,172 +78,6 @@ ACCELERATOR_FACTORS: Mapping[str, float] = {"H100": 1.0, "A100": 1.5, "H200": 0.
 #: Batch sizes outside the range are clamped (the fit saw 8..512; batch 1 is an extrapolation).
 MIN_BATCH = 1
 MAX_BATCH = 1024
-
-#: Model families whose MLP is gated (gate, up and down projections: three matrices).
-GATED_MLP_MODEL_TYPES = frozenset(
-    (
-        "llama",
-        "mistral",
-        "mixtral",
-        "qwen2",
-        "qwen2_moe",
-        "qwen3",
-        "qwen3_moe",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "phi3",
-        "olmo",
-        "olmo2",
-        "olmoe",
-        "granite",
-        "granitemoe",
-        "cohere",
-        "cohere2",
-        "deepseek_v2",
-        "deepseek_v3",
-        "internlm2",
-        "yi",
-        "exaone",
-        "glm",
-        "glm4",
-        "smollm3",
-        "ministral",
-        "llama4_text",
-        "dbrx",
-        "minimax",
-        "hunyuan_v1_dense",
-    )
-)
-GATED_ACTIVATIONS = frozenset(("silu", "swish", "swiglu", "geglu"))
-
-
-@dataclass(frozen=True, slots=True)
-class ParamCount:
-    """Parameters of a model: all of them, and those each token goes through (MoE: routed)."""
-
-    total: int
-    active: int
-
-    @property
-    def total_b(self) -> float:
-        return self.total / 1e9
-
-    @property
-    def active_b(self) -> float:
-        return self.active / 1e9
-
-
-def _first(config: Any, *names: str) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _required_int(config: Any, *names: str) -> int:
-    value = _first(config, *names)
-    if value is None or isinstance(value, bool) or int(value) <= 0:
-        raise EstimatorError(f"model config has no usable {' / '.join(names)}")
-    return int(value)
-
-
-def _optional_int(config: Any, *names: str) -> int | None:
-    value = _first(config, *names)
-    if value is None or isinstance(value, bool):
-        return None
-    return int(value)
-
-
-def _is_gated(config: Any) -> bool:
-    model_type = str(getattr(config, "model_type", "") or "")
-    act = str(_first(config, "hidden_act", "hidden_activation", "activation_function") or "")
-    return model_type in GATED_MLP_MODEL_TYPES or act in GATED_ACTIVATIONS
-
-
-def _attention_params(config: Any, hidden: int, heads: int) -> int:
-    kv_lora_rank = _optional_int(config, "kv_lora_rank")
-    if kv_lora_rank:  # multi-head latent attention (DeepSeek-V2/V3)
-        rope = _optional_int(config, "qk_rope_head_dim") or 0
-        nope = _optional_int(config, "qk_nope_head_dim") or 0
-        v_dim = _optional_int(config, "v_head_dim") or nope
-        q_lora_rank = _optional_int(config, "q_lora_rank")
-        q_dim = heads * (nope + rope)
-        q = hidden * q_lora_rank + q_lora_rank * q_dim if q_lora_rank else hidden * q_dim
-        kv = hidden * (kv_lora_rank + rope) + kv_lora_rank * heads * (nope + v_dim)
-        return q + kv + heads * v_dim * hidden
-    kv_heads = _optional_int(config, "num_key_value_heads", "num_kv_heads") or heads
-    head_dim = _optional_int(config, "head_dim") or hidden // heads
-    return hidden * head_dim * (2 * heads + 2 * kv_heads)
-
-
-def count_params(config: Any) -> ParamCount:
-    """Count a decoder's parameters from its config (a transformers ``PretrainedConfig`` or any
-    object with the same attribute names): embeddings, attention, MLP or experts, norms.
-    Biases and learned position tables are left out (well under 1% for LLMs)."""
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    hidden = _required_int(config, "hidden_size", "n_embd", "d_model")
-    layers = _required_int(config, "num_hidden_layers", "n_layer", "num_layers")
-    heads = _required_int(config, "num_attention_heads", "n_head")
-    vocab = _required_int(config, "vocab_size")
-    intermediate = _optional_int(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
-    mlp_matrices = 3 if _is_gated(config) else 2
-
-    attention = _attention_params(config, hidden, heads)
-    norms = 2 * hidden
-    dense_mlp = mlp_matrices * hidden * intermediate
-
-    experts = _optional_int(config, "num_local_experts", "num_experts", "n_routed_experts")
-    routed = _optional_int(config, "num_experts_per_tok", "moe_top_k")
-    layers_total = 0
-    layers_active = 0
-    if experts and experts > 1 and routed:
-        expert_size = _optional_int(config, "moe_intermediate_size") or intermediate
-        expert = mlp_matrices * hidden * expert_size
-        shared = 0
-        shared_size = _optional_int(config, "shared_expert_intermediate_size")
-        if shared_size:
-            shared = mlp_matrices * hidden * shared_size
-        n_shared = _optional_int(config, "n_shared_experts")
-        if n_shared:
-            shared += n_shared * expert
-        router = hidden * experts
-        dense_layers = set(range(_optional_int(config, "first_k_dense_replace") or 0))
-        dense_layers |= set(getattr(config, "mlp_only_layers", None) or ())
-        sparse_step = _optional_int(config, "decoder_sparse_step") or 1
-        for layer in range(layers):
-            sparse = layer not in dense_layers and (layer + 1) % sparse_step == 0
-            if sparse:
-                layers_total += attention + norms + router + shared + experts * expert
-                layers_active += attention + norms + router + shared + min(routed, experts) * expert
-            else:
-                layers_total += attention + norms + dense_mlp
-                layers_active += attention + norms + dense_mlp
-    else:
-        layers_total = layers_active = layers * (attention + norms + dense_mlp)
-
-    embeddings = vocab * hidden
-    if not getattr(config, "tie_word_embeddings", False):
-        embeddings += vocab * hidden  # a separate output projection
-    outer = embeddings + hidden  # + final norm
-    return ParamCount(total=layers_total + outer, active=layers_active + outer)
-
-
-def load_config(model_path: str | Path) -> Any:
-    """Read a local model folder's ``config.json`` through transformers (never downloads)."""
-    try:
-        from transformers import AutoConfig
-    except ImportError as e:  # pragma: no cover - transformers is a dependency
-        raise EstimatorError("transformers is needed to read model configs") from e
-    path = Path(model_path)
-    if not (path / "config.json").is_file():
-        raise EstimatorError(f"{path}: no config.json (a local Hugging Face model folder)")
-    try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EstimatorError(f"{path}: cannot read config.json: {e}") from e
 
 
 def accelerator_factor(accelerator: str) -> float:
@@ -297,25 +131,14 @@ class ModelInfo:
         return cls(name or f"{params_b:g}B", active, params_b, gpus, accelerator, "given")
 
     @classmethod
-    def from_config(
-        cls,
-        config: Any,
-        name: str,
-        gpus: int = 1,
-        accelerator: str = DEFAULT_ACCELERATOR,
-        source: str = "config",
-    ) -> ModelInfo:
-        count = count_params(config)
-        return cls(name, count.active_b, count.total_b, gpus, accelerator, source)
-
-    @classmethod
     def from_path(
         cls, model_path: str | Path, gpus: int = 1, accelerator: str = DEFAULT_ACCELERATOR
     ) -> ModelInfo:
         """Count parameters from a local model folder's ``config.json``."""
-        config = load_config(model_path)
+        count = read_model_card(model_path).params()
         name = Path(model_path).name or str(model_path)
-        return cls.from_config(config, name, gpus, accelerator, f"config.json in {model_path}")
+        source = f"config.json in {model_path}"
+        return cls(name, count.active_b, count.total_b, gpus, accelerator, source)
 
 
 def clamp_batch(batch: float) -> float:

@@ -27,6 +27,7 @@ from estimators.errors import EstimatorError
 from estimators.estimator import Estimator
 from estimators.meters.base import Meter
 from estimators.meters.factory import build_meter
+from estimators.model_card import task_from_model_path
 from estimators.sampler import Sampler
 from proxy.accounting import Accountant
 from proxy.background import Background
@@ -41,7 +42,6 @@ from proxy.ledger.base import Ledger, open_ledger, redacted_url
 from proxy.ledger.spool import Spool
 from proxy.ledger.writer import LedgerWriter
 from proxy.metrics import Metrics, metrics_handler
-from proxy.model_info import task_from_model_path
 from proxy.records import RequestRecord
 from proxy.routing import Router
 from proxy.tokens import TokenCounter

@@ -2,7 +2,7 @@
 
 Pure. In order: the upstream's ``tasks`` map (path -> tag; ``"*"`` for every inference
 request), then the built-in table below, then the task of the upstream's model (read from its
-``config.json`` by ``proxy.model_info``) for a POST the table does not place. For the
+``config.json`` by ``estimators.model_card``) for a POST the table does not place. For the
 ``generic`` API the model's task comes before the table, which only guesses there. Requests
 that do no inference (model lists, health, tokenization) are ``other`` whatever the model.
 """
@@ -97,7 +97,7 @@ def task_for(
     """The pipeline tag for ``path``; see the module docstring for the order.
 
     Args:
-        model_task: the task of the upstream's model (``proxy.model_info``), when known.
+        model_task: the task of the upstream's model (``estimators.model_card``), when known.
         method: the request's method; only POST and PUT fall back to the model's task.
     """
     key = path.rstrip("/") or "/"

@@ -12,6 +12,7 @@ from estimators import llm
 from estimators.errors import EstimatorError
 from estimators.estimator import LLM, PRIOR, Estimator, RequestShape
 from estimators.llm import ModelInfo
+from estimators.model_card import count_params
 
 #: The tolerance the brief asks the fit to meet; the module holds itself to a tighter one.
 BRIEF_TOLERANCE = 0.35
@@ -58,15 +59,15 @@ def test_llama_8b_from_a_saved_config(llama_8b_dir: Path) -> None:
 
 
 def test_llama_70b() -> None:
-    count = llm.count_params(llama_70b())
+    count = count_params(llama_70b())
     assert count.total_b == pytest.approx(70.55, rel=0.005)
     assert count.active == count.total
 
 
 def test_leaderboard_points_use_the_counted_sizes() -> None:
     sizes = {
-        "8B": llm.count_params(llama_8b()).active_b,
-        "70B": llm.count_params(llama_70b()).active_b,
+        "8B": count_params(llama_8b()).active_b,
+        "70B": count_params(llama_70b()).active_b,
     }
     for point in llm.LEADERBOARD_V3_H100:
         counted = sizes["70B" if "70B" in point.model else "8B"]
@@ -74,7 +75,7 @@ def test_leaderboard_points_use_the_counted_sizes() -> None:
 
 
 def test_mixtral_counts_only_routed_experts_as_active() -> None:
-    count = llm.count_params(MixtralConfig())  # 8 experts, 2 per token: Mixtral-8x7B dims
+    count = count_params(MixtralConfig())  # 8 experts, 2 per token: Mixtral-8x7B dims
     assert count.total_b == pytest.approx(46.7, rel=0.01)
     assert count.active_b == pytest.approx(12.9, rel=0.01)
 
@@ -92,19 +93,19 @@ def test_qwen_moe_shared_expert_is_always_active() -> None:
         num_attention_heads=4,
         num_key_value_heads=4,
     )
-    count = llm.count_params(cfg)
+    count = count_params(cfg)
     expert = 3 * 256 * 64
     assert count.total - count.active == 2 * (8 - 2) * expert
 
 
 def test_deepseek_v3_latent_attention_and_experts() -> None:
-    count = llm.count_params(DeepseekV3Config())  # defaults are DeepSeek-V3's dims
+    count = count_params(DeepseekV3Config())  # defaults are DeepSeek-V3's dims
     assert count.total_b == pytest.approx(671, rel=0.02)
     assert count.active_b == pytest.approx(37, rel=0.03)
 
 
 def test_gpt2_ungated_mlp() -> None:
-    assert llm.count_params(GPT2Config()).total_b == pytest.approx(0.124, rel=0.01)
+    assert count_params(GPT2Config()).total_b == pytest.approx(0.124, rel=0.01)
 
 
 def test_a_folder_without_config_is_an_error_and_nothing_is_downloaded(tmp_path: Path) -> None:

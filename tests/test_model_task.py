@@ -1,9 +1,10 @@
-"""The task of a local model folder, from configs built here with transformers' own config
-classes (nothing downloaded), and how it enters the route's task."""
+"""A local model folder's card (task, architectures, parameters), from configs built here with
+transformers' own config classes (nothing downloaded), and how its task enters the route's."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,14 @@ from transformers import (
     YolosConfig,
 )
 
-from proxy.model_info import task_from_config, task_from_model_path
+from estimators.errors import EstimatorError
+from estimators.llm import ModelInfo
+from estimators.model_card import (
+    count_params,
+    read_model_card,
+    task_from_config,
+    task_from_model_path,
+)
 from proxy.tasks import OTHER, task_for
 
 SMALL_BERT: dict[str, Any] = {
@@ -170,6 +178,34 @@ def test_nothing_to_tell(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("not json")
     assert task_from_model_path(tmp_path) is None
     assert task_from_config({"architectures": ["SomethingElse"]}) is None
+
+
+def test_one_read_gives_task_architectures_and_parameters(tmp_path: Path) -> None:
+    """The estimator's parameter count and the router's task come from the same reader."""
+    config = LlamaConfig(**SMALL_BERT, tie_word_embeddings=False)
+    folder = save(tmp_path / "llama", config, ["LlamaForCausalLM"])
+    card = read_model_card(folder)
+    assert card.task == "text-generation"
+    assert card.architectures == ("LlamaForCausalLM",)
+    assert card.params() == count_params(config)
+    info = ModelInfo.from_path(folder)
+    assert info.total_params_b == card.params().total_b
+
+
+def test_a_card_without_a_readable_config_names_the_folder(tmp_path: Path) -> None:
+    """A model type transformers does not know still has a task (plain JSON) but no count; a
+    folder with no config.json has neither."""
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "made_up_arch", "architectures": ["MadeUpForCausalLM"]})
+    )
+    card = read_model_card(tmp_path)
+    assert card.task == "text-generation"
+    with pytest.raises(EstimatorError, match=re.escape(f"{tmp_path}: cannot read config.json")):
+        card.params()
+    missing = read_model_card(tmp_path / "missing")
+    assert missing.task is None and missing.architectures == ()
+    with pytest.raises(EstimatorError, match=r"no config\.json"):
+        missing.params()
 
 
 @pytest.mark.parametrize(
