@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 from estimators.attribution import AttributionEngine, Flight, Linger, abort_linger
 from estimators.estimator import LLM_TASKS, Estimator, RequestShape
-from estimators.meters.base import Reading
+from estimators.meters import Reading
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord, utc_now_iso
 from proxy.tasks import OTHER

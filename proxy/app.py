@@ -25,10 +25,8 @@ from estimators.attribution import AttributionEngine, IdlePolicy, Weighting
 from estimators.carbon import CarbonClock, Intensity, build_provider
 from estimators.errors import EstimatorError
 from estimators.estimator import Estimator
-from estimators.meters.base import Meter
-from estimators.meters.factory import build_meter
+from estimators.meters import Meter, Sampler, build_meter
 from estimators.model_card import task_from_model_path
-from estimators.sampler import Sampler
 from proxy.accounting import Accountant
 from proxy.background import Background
 from proxy.budgets import Budgets

@@ -211,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.set_defaults(func=cmd_check_config)
 
-    from estimators import estimate_cli
+    from proxy import estimate_cli
 
     estimate_cli.add_parser(sub)
     return p

@@ -16,9 +16,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from estimators.carbon.factory import zone_findings
+from estimators.carbon import CarbonConfig, zone_findings
+from estimators.meters import MeterConfig
+from estimators.section import Section
 from proxy.errors import ConfigError
 from proxy.routing import shadowed_upstreams
 
@@ -27,16 +29,12 @@ ENV_PREFIX = "WATTPROXY_"
 ENV_RESERVED = {"WATTPROXY_ADMIN_TOKEN", "WATTPROXY_CONFIG"}
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TLSConfig(_Model):
+class TLSConfig(Section):
     cert_file: str
     key_file: str
 
 
-class ListenConfig(_Model):
+class ListenConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     tls: TLSConfig | None = None
@@ -49,7 +47,7 @@ class ListenConfig(_Model):
     shutdown_grace_s: float = Field(30.0, ge=0)
 
 
-class TimeoutsConfig(_Model):
+class TimeoutsConfig(Section):
     connect_s: float = Field(5.0, gt=0)
     first_byte_s: float = Field(300.0, gt=0)
     idle_s: float = Field(120.0, gt=0)
@@ -58,7 +56,7 @@ class TimeoutsConfig(_Model):
 Api = Literal["openai", "tgi", "tei", "ollama", "generic"]
 
 
-class UpstreamConfig(_Model):
+class UpstreamConfig(Section):
     name: str = "llm"
     url: str = "http://127.0.0.1:8000"
     prefix: str = "/"
@@ -88,31 +86,7 @@ class UpstreamConfig(_Model):
         return value
 
 
-class DeviceSelector(_Model):
-    index: int | None = Field(None, ge=0)
-    uuid: str | None = None
-    path: str | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> DeviceSelector:
-        if sum(x is not None for x in (self.index, self.uuid, self.path)) != 1:
-            raise ValueError("set exactly one of index, uuid or path")
-        return self
-
-
-class MeterConfig(_Model):
-    kind: Literal["auto", "nvml", "dcgm", "rapl", "simulated", "none"] = "auto"
-    interval_ms: int = Field(100, ge=10, le=60_000)
-    devices: dict[str, DeviceSelector] | None = None
-    dcgm_url: str = "http://127.0.0.1:9400/metrics"
-    rapl_root: str = "/sys/class/powercap"
-    #: simulated meter only: idle watts of the simulated device
-    simulated_idle_w: float = Field(60.0, ge=0)
-    #: simulated meter only: relative standard deviation of its seeded power noise
-    simulated_noise: float = Field(0.02, ge=0, le=0.5)
-
-
-class AttributionConfig(_Model):
+class AttributionConfig(Section):
     idle: Literal["exclude", "include"] = "exclude"
     idle_watts: Literal["auto"] | float = "auto"
     weighting: Literal["work", "time"] = "work"
@@ -125,19 +99,7 @@ class AttributionConfig(_Model):
         return value
 
 
-class CarbonConfig(_Model):
-    zone: str = "WORLD"
-    intensity_g_per_kwh: float | None = Field(None, ge=0)
-    pue: float = Field(1.0, ge=1.0, le=5.0)
-    provider: Literal["static", "electricitymaps", "uk-carbon-intensity", "watttime"] = "static"
-    #: env var holding the provider's token (Electricity Maps auth-token; WattTime "user:pass")
-    token_env: str | None = None
-    url: str | None = None
-    refresh_s: float = Field(300.0, gt=0)
-    timeout_s: float = Field(5.0, gt=0)
-
-
-class LedgerConfig(_Model):
+class LedgerConfig(Section):
     url: str = "sqlite:///wattproxy.db"
     batch_size: int = Field(256, ge=1)
     flush_interval_ms: int = Field(500, ge=1)
@@ -154,7 +116,7 @@ class LedgerConfig(_Model):
         return value
 
 
-class IdentityConfig(_Model):
+class IdentityConfig(Section):
     keys_file: str | None = None
     allow_header_identity: bool = False
     #: key requests by the client's X-Request-Id (behind a gateway that issues unique ids);
@@ -162,7 +124,7 @@ class IdentityConfig(_Model):
     trust_request_id: bool = False
 
 
-class Budget(_Model):
+class Budget(Section):
     grams_per_day: float | None = Field(None, ge=0)
     grams_per_month: float | None = Field(None, ge=0)
 
@@ -173,7 +135,7 @@ class Budget(_Model):
         return self
 
 
-class BudgetsConfig(_Model):
+class BudgetsConfig(Section):
     users: dict[str, Budget] = Field(default_factory=dict)
     teams: dict[str, Budget] = Field(default_factory=dict)
     default: Budget | None = None
@@ -182,28 +144,28 @@ class BudgetsConfig(_Model):
     reservation_ttl_s: float = Field(600.0, gt=0)
 
 
-class LimitsConfig(_Model):
+class LimitsConfig(Section):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
 
 
-class MetricsConfig(_Model):
+class MetricsConfig(Section):
     #: add a ``user`` label to the energy and CO2 counters (top users only, the rest ``_other``)
     per_user_labels: bool = False
     max_user_labels: int = Field(50, ge=1, le=10_000)
 
 
-class HealthConfig(_Model):
+class HealthConfig(Section):
     #: /readyz with some upstreams down: ``any`` (ready while at least one answers: a load
     #: balancer in front of this node keeps sending what it can serve) or ``all``
     ready_when: Literal["any", "all"] = "any"
 
 
-class LogConfig(_Model):
+class LogConfig(Section):
     access_log: bool = False
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class Config(_Model):
+class Config(Section):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     upstreams: list[UpstreamConfig] = Field(default_factory=lambda: [UpstreamConfig()])
     meter: MeterConfig = Field(default_factory=MeterConfig)

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import settings
 from prometheus_client import CollectorRegistry
 
-from estimators.meters.base import Meter
+from estimators.meters import Meter
 from proxy.app import PARTS, Parts, create_app
 from proxy.config import Config, parse_config
 from proxy.ledger.base import Ledger

@@ -12,10 +12,10 @@ from estimators.carbon import (
     CarbonClock,
     Intensity,
     IntensityProvider,
+    StaticIntensity,
     WattTimeProvider,
     table_intensity,
 )
-from estimators.carbon.table import StaticIntensity
 from estimators.errors import CarbonError
 from estimators.units import J_PER_KWH, co2e_g
 

@@ -13,16 +13,16 @@ from aiohttp import hdrs, web
 from pytest_aiohttp import AiohttpServer
 
 from estimators.carbon import (
+    CarbonConfig,
     ElectricityMapsProvider,
+    LiveProvider,
     StaticIntensity,
     UKCarbonIntensityProvider,
     WattTimeProvider,
     build_provider,
     table_intensity,
 )
-from estimators.carbon.clock import LiveProvider
 from estimators.carbon.watttime import G_PER_KWH_PER_LB_PER_MWH
-from proxy.config import CarbonConfig
 
 TIMEOUT_S = 0.3
 

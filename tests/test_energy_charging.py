@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from estimators.attribution import SILENT_AFTER_S, AttributionEngine, IdlePolicy, Weighting
 from estimators.estimator import Estimator
-from estimators.meters.base import Reading
+from estimators.meters import Reading
 from proxy.accounting import Accountant, OpenRequest
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord

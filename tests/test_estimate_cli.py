@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig
 
-from estimators import estimate_cli, llm
+from estimators import llm
 from estimators.carbon import table_intensity
 from estimators.units import J_PER_WH, co2e_g
+from proxy import estimate_cli
 
 
 def parse(*argv: str) -> argparse.Namespace:

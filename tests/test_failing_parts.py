@@ -23,8 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from estimators.errors import MeterError
-from estimators.meters.base import Meter, Reading
-from estimators.meters.simulated import SimulatedMeter
+from estimators.meters import Meter, Reading, SimulatedMeter
 from proxy.config import load_config
 from proxy.ledger.sqlite import SQLiteLedger
 from proxy.standin import StandIn

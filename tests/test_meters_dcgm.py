@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from estimators.errors import MeterError, MeterUnavailable
-from estimators.meters.dcgm import DcgmMeter, Series, parse_page, select
+from estimators.meters import DcgmMeter
+from estimators.meters.dcgm import Series, parse_page, select
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 

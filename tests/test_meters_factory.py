@@ -13,9 +13,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from estimators.errors import MeterError, MeterUnavailable
-from estimators.meters import DcgmMeter, NullMeter, NvmlMeter, RaplMeter, SimulatedMeter
-from estimators.meters.factory import build_meter
-from proxy.config import MeterConfig
+from estimators.meters import (
+    DcgmMeter,
+    MeterConfig,
+    NullMeter,
+    NvmlMeter,
+    RaplMeter,
+    SimulatedMeter,
+    build_meter,
+)
 from tests.fakes.fake_pynvml import FakeGpu, FakePynvml
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from estimators.errors import MeterError, MeterUnavailable
-from estimators.meters.nvml import NvmlMeter, _Ret
+from estimators.meters import NvmlMeter
+from estimators.meters.nvml import _Ret
 from tests.fakes import fake_pynvml
 from tests.fakes.fake_pynvml import FakeGpu, FakePynvml
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from estimators.errors import MeterError, MeterUnavailable
-from estimators.meters.rapl import RaplMeter, top_level_domains
+from estimators.meters import RaplMeter
+from estimators.meters.rapl import top_level_domains
 
 MAX_UJ = 262_143_328_850  # a Xeon package's max_energy_range_uj
 

@@ -18,8 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from estimators.meters.base import Meter, Reading
-from estimators.meters.simulated import SimulatedMeter
+from estimators.meters import Meter, Reading, SimulatedMeter
 from proxy.app import FORWARDER
 from proxy.ledger.base import Ledger
 from proxy.standin import StandIn

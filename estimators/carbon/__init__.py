@@ -1,16 +1,19 @@
-"""Grid carbon intensity: a built-in yearly table and live providers behind one interface, and
-the clock that holds the current figure for the sampler."""
+"""Grid carbon intensity, the I/O shell that asks the grid: a built-in yearly table and live
+providers behind one interface, ``build_provider`` for the ``carbon:`` section, and the clock
+that holds the current figure for the sampler."""
 
 from estimators.carbon.base import Intensity, IntensityProvider
 from estimators.carbon.clock import CarbonClock, LiveProvider, fallback_intensity
+from estimators.carbon.config import CarbonConfig
 from estimators.carbon.electricitymaps import ElectricityMapsProvider
-from estimators.carbon.factory import build_provider
+from estimators.carbon.factory import build_provider, zone_findings
 from estimators.carbon.table import StaticIntensity, table_intensity
 from estimators.carbon.ukgrid import UKCarbonIntensityProvider
 from estimators.carbon.watttime import WattTimeProvider
 
 __all__ = [
     "CarbonClock",
+    "CarbonConfig",
     "ElectricityMapsProvider",
     "Intensity",
     "IntensityProvider",
@@ -21,4 +24,5 @@ __all__ = [
     "build_provider",
     "fallback_intensity",
     "table_intensity",
+    "zone_findings",
 ]

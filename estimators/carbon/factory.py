@@ -5,21 +5,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
 from estimators.carbon import ukgrid, watttime
 from estimators.carbon.base import IntensityProvider
+from estimators.carbon.config import CarbonConfig
 from estimators.carbon.electricitymaps import DEFAULT_TOKEN_ENV, ElectricityMapsProvider
 from estimators.carbon.table import StaticIntensity, has_zone, zones
 from estimators.carbon.ukgrid import ZONES as UK_ZONES
 from estimators.carbon.ukgrid import UKCarbonIntensityProvider
 from estimators.carbon.watttime import DEFAULT_PASSWORD_ENV, DEFAULT_USER_ENV, WattTimeProvider
 from estimators.errors import CarbonError
-
-if TYPE_CHECKING:
-    from proxy.config import CarbonConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from types import ModuleType
 
 from estimators.errors import MeterError
 from estimators.meters.base import Meter
+from estimators.meters.config import MeterConfig
 from estimators.meters.dcgm import DcgmMeter
 from estimators.meters.null import NullMeter
 from estimators.meters.nvml import GpuSelector, NvmlMeter
 from estimators.meters.rapl import RaplMeter
 from estimators.meters.simulated import LoadFn, SimulatedMeter
-from proxy.config import MeterConfig
 
 log = logging.getLogger("wattproxy.meter")
 

@@ -1,5 +1,7 @@
 """``wattproxy estimate``: the energy and carbon the estimators give one request, and on what
-basis, without running the proxy. Wired into ``proxy/cli.py`` through ``add_parser`` and ``run``.
+basis, without running the proxy. ``proxy/cli.py`` adds it through ``add_parser``; ``run`` is its
+handler. The figures come from the energy side (``estimators``); this module only parses and
+prints.
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ import sys
 from typing import Any, TextIO
 
 from estimators import llm, priors
-from estimators.carbon.base import Intensity
-from estimators.carbon.clock import fallback_intensity
-from estimators.carbon.table import table_intensity
+from estimators.carbon import Intensity, fallback_intensity, table_intensity
 from estimators.errors import CarbonError, EstimatorError
 from estimators.estimator import Estimator, RequestShape
 from estimators.units import J_PER_WH, co2e_g
