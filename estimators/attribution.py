@@ -58,11 +58,6 @@ class IdlePolicy(enum.StrEnum):
     INCLUDE = "include"  # idle watts are charged to whoever is in flight
 
 
-class Reason(enum.StrEnum):
-    IDLE = "idle"
-    NO_REQUESTS = "no_requests"
-
-
 @dataclass(frozen=True, slots=True)
 class IntervalSplit:
     """How one interval's energy on one device was divided."""
@@ -337,9 +332,6 @@ class AttributionEngine:
 
     def flight(self, request_id: str) -> Flight | None:
         return self._flights.get(request_id)
-
-    def in_flight(self, device: str) -> int:
-        return len(self._on_device.get(device, ()))
 
     # -- samples ----------------------------------------------------------------------------
 

@@ -5,19 +5,25 @@ from __future__ import annotations
 
 J_PER_KWH = 3_600_000.0
 J_PER_WH = 3_600.0
+#: NVML and dcgm-exporter count energy in millijoules, RAPL's powercap in microjoules.
+MJ_PER_J = 1_000.0
+UJ_PER_J = 1_000_000.0
+#: NVML reports power in milliwatts.
+MW_PER_W = 1_000.0
 
 
 def kwh_to_j(energy_kwh: float) -> float:
     return energy_kwh * J_PER_KWH
 
 
-def j_to_kwh(energy_j: float) -> float:
-    return energy_j / J_PER_KWH
+def g_per_j(intensity_g_per_kwh: float, pue: float = 1.0) -> float:
+    """Grams CO2e per joule drawn at the accelerator; PUE scales it to the facility first."""
+    return intensity_g_per_kwh * pue / J_PER_KWH
 
 
 def co2e_g(energy_j: float, intensity_g_per_kwh: float, pue: float = 1.0) -> float:
-    """Grams CO2e for energy drawn at the accelerator; PUE scales it to the facility first."""
-    return energy_j * pue / J_PER_KWH * intensity_g_per_kwh
+    """Grams CO2e for energy drawn at the accelerator, as the proxy charges it (``g_per_j``)."""
+    return energy_j * g_per_j(intensity_g_per_kwh, pue)
 
 
 def parse_count(text: str | None) -> int | None:

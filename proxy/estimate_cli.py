@@ -18,7 +18,6 @@ from estimators.estimator import Estimator, RequestShape
 from estimators.units import J_PER_WH, co2e_g
 
 UPSTREAM = "cli"
-DEFAULT_TASK = "text-generation"
 DEFAULT_ZONE = "WORLD"
 
 
@@ -66,7 +65,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--task",
         type=_task,
-        default=DEFAULT_TASK,
+        default=priors.DEFAULT_TASK,
         help=f"pipeline tag, one of {', '.join(priors.known_tasks())} (default %(default)s)",
     )
     model = p.add_mutually_exclusive_group()

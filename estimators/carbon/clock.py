@@ -26,7 +26,7 @@ import aiohttp
 from estimators.carbon.base import Intensity, IntensityProvider
 from estimators.carbon.table import table_intensity
 from estimators.errors import CarbonError
-from estimators.units import J_PER_KWH
+from estimators.units import g_per_j
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class CarbonClock:
 
     def _set(self, intensity: Intensity) -> None:
         self._intensity = intensity
-        self._g_per_j = intensity.g_per_kwh * self.pue / J_PER_KWH
+        self._g_per_j = g_per_j(intensity.g_per_kwh, self.pue)
         if self._on_update is not None:
             self._on_update(intensity)
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from estimators.carbon.clock import DEFAULT_REFRESH_S, DEFAULT_TIMEOUT_S
 from estimators.section import Section
 
 
@@ -17,5 +18,5 @@ class CarbonConfig(Section):
     #: env var holding the provider's token (Electricity Maps auth-token; WattTime "user:pass")
     token_env: str | None = None
     url: str | None = None
-    refresh_s: float = Field(300.0, gt=0)
-    timeout_s: float = Field(5.0, gt=0)
+    refresh_s: float = Field(DEFAULT_REFRESH_S, gt=0)
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)

@@ -34,6 +34,9 @@ class Reading:
 
 #: One device's sample: cumulative joules, and the latest power in watts when known.
 Sample = tuple[float, float | None]
+#: A GPU as ``meter.devices`` names it: its index (int: NVML's index, dcgm-exporter's ``gpu``
+#: label) or its UUID (str, ``GPU-...``: the ``UUID`` label).
+GpuSelector = int | str
 
 
 def read_each(

@@ -28,28 +28,25 @@ from prometheus_client.parser import text_string_to_metric_families
 from estimators.errors import MeterError, MeterUnavailable
 from estimators.meters.base import (
     EnergyCounter,
+    GpuSelector,
     Meter,
     PowerIntegrator,
     Reading,
     read_each,
 )
-from estimators.units import parse_count
+from estimators.units import MJ_PER_J, parse_count
 
 log = logging.getLogger("wattproxy.meter.dcgm")
 
 ENERGY_METRIC = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"  # counter, mJ since boot
 POWER_METRIC = "DCGM_FI_DEV_POWER_USAGE"  # gauge, W
 DEFAULT_URL = "http://127.0.0.1:9400/metrics"
-DEFAULT_TIMEOUT_S = 2.0  # one scrape; a slow exporter must not stall the sampler
+SCRAPE_TIMEOUT_S = 2.0  # one scrape; a slow exporter must not stall the sampler
 DEFAULT_INTERVAL_S = 0.1
 EXPORTER_DEFAULT_COLLECT_MS = 30_000
 #: Identical values for longer than this many meter intervals mean the exporter is slower.
 STALE_INTERVALS = 2.0
 
-MJ_PER_J = 1000.0
-
-#: A GPU as ``meter.devices`` names it: the ``gpu`` label (int) or the ``UUID`` label (str).
-GpuSelector = int | str
 EnergySource = Literal["counter", "power"]
 
 
@@ -134,7 +131,7 @@ class DcgmMeter(Meter):
         devices: Mapping[str, GpuSelector] | None = None,
         *,
         interval_s: float = DEFAULT_INTERVAL_S,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float = SCRAPE_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._url = url
@@ -161,7 +158,7 @@ class DcgmMeter(Meter):
                 log.warning("%s: %s", name, e)
 
     @classmethod
-    def is_available(cls, url: str = DEFAULT_URL, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    def is_available(cls, url: str = DEFAULT_URL, timeout_s: float = SCRAPE_TIMEOUT_S) -> bool:
         """Whether the exporter answers with at least one GPU's energy or power."""
         try:
             return bool(cls(url, timeout_s=timeout_s).devices())

@@ -11,11 +11,11 @@ import logging
 from types import ModuleType
 
 from estimators.errors import MeterError
-from estimators.meters.base import Meter
+from estimators.meters.base import GpuSelector, Meter
 from estimators.meters.config import MeterConfig
 from estimators.meters.dcgm import DcgmMeter
 from estimators.meters.null import NullMeter
-from estimators.meters.nvml import GpuSelector, NvmlMeter
+from estimators.meters.nvml import NvmlMeter
 from estimators.meters.rapl import RaplMeter
 from estimators.meters.simulated import LoadFn, SimulatedMeter
 

@@ -28,21 +28,18 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 from estimators.errors import MeterError, MeterUnavailable
 from estimators.meters.base import (
     EnergyCounter,
+    GpuSelector,
     Meter,
     PowerIntegrator,
     Reading,
     Sample,
     read_each,
 )
+from estimators.units import MJ_PER_J, MW_PER_W
 
 log = logging.getLogger("wattproxy.meter.nvml")
 
-#: A GPU as ``meter.devices`` names it: an NVML index (int) or a UUID (``GPU-...``).
-GpuSelector = int | str
 EnergySource = Literal["counter", "power_field", "power_usage"]
-
-MJ_PER_J = 1000.0
-MW_PER_W = 1000.0
 
 
 class _Ret(enum.IntEnum):

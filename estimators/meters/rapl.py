@@ -21,11 +21,11 @@ from pathlib import Path
 
 from estimators.errors import MeterError, MeterUnavailable
 from estimators.meters.base import EnergyCounter, Meter, Reading, read_each
+from estimators.units import UJ_PER_J
 
 log = logging.getLogger("wattproxy.meter.rapl")
 
 DEFAULT_ROOT = "/sys/class/powercap"
-UJ_PER_J = 1_000_000.0
 
 _TOP_LEVEL = re.compile(r"intel-rapl:([0-9]+)")  # not \d: it takes other scripts' digits
 #: ``psys`` covers the whole platform, packages included: metering it too would count twice.

@@ -58,9 +58,9 @@ SOCKET_CONNECT_TIMEOUT_S = 1.0  # one TCP (and TLS) connect
 HEALTH_CHECK_INTERVAL_S = 15  # PING an idle pooled connection before reuse
 MAX_CONNECTIONS = 64  # per process; callers beyond it wait for a free connection
 POOL_TIMEOUT_S = 2.0  # longest wait for a free pooled connection
-RETRY_BASE_S = 0.05  # first backoff of redis-py's own retry
-RETRY_CAP_S = 0.5  # longest backoff of redis-py's own retry
-RETRIES = 2  # retries of one command on connection errors (the writer retries further)
+COMMAND_RETRY_BASE_S = 0.05  # first backoff of redis-py's own retry
+COMMAND_RETRY_CAP_S = 0.5  # longest backoff of redis-py's own retry
+COMMAND_RETRIES = 2  # retries of one command on connection errors (the writer retries further)
 #: Daily aggregates outlive records (reports and monthly budgets read them), at least this long.
 MIN_AGGREGATE_RETENTION_DAYS = 400
 S_PER_DAY = 86_400
@@ -303,7 +303,10 @@ class RedisLedger(Ledger):
                     socket_timeout=SOCKET_TIMEOUT_S,
                     socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_S,
                     health_check_interval=HEALTH_CHECK_INTERVAL_S,
-                    retry=Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), RETRIES),
+                    retry=Retry(
+                        ExponentialBackoff(cap=COMMAND_RETRY_CAP_S, base=COMMAND_RETRY_BASE_S),
+                        COMMAND_RETRIES,
+                    ),
                     retry_on_error=[RedisConnectionError, RedisTimeoutError],
                     decode_responses=True,
                 )

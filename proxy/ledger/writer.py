@@ -29,8 +29,8 @@ from proxy.records import RequestRecord
 
 log = logging.getLogger("wattproxy.ledger")
 
-RETRY_BASE_S = 0.2  # first backoff after a failed flush
-RETRY_CAP_S = 5.0  # longest backoff
+FLUSH_RETRY_BASE_S = 0.2  # first backoff after a failed flush
+FLUSH_RETRY_CAP_S = 5.0  # longest backoff
 WRITE_TIMEOUT_S = 5.0  # a batch write slower than this counts as failed (records are spooled)
 #: Records kept in memory when the spool is full or absent; the oldest are dropped beyond it.
 MAX_MEMORY_RECORDS = 200_000
@@ -231,5 +231,5 @@ class LedgerWriter:
                 pass
             self._wake.clear()
             if not await self.flush():
-                delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(self._failures, 10))
+                delay = min(FLUSH_RETRY_CAP_S, FLUSH_RETRY_BASE_S * 2 ** min(self._failures, 10))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
