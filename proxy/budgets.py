@@ -39,7 +39,6 @@ from proxy.records import RequestRecord, utcnow
 
 log = logging.getLogger("wattproxy.budgets")
 
-READ_TIMEOUT_S = 0.5  # one ledger read (or reservation) on the request path, at most
 FAILED_RETRY_S = 1.0  # after a failed read, wait at least this long before the next one
 #: Retry-After (s) when only requests in flight fill a budget: they may end under their estimate.
 RESERVED_RETRY_S = 5
@@ -190,7 +189,8 @@ class Budgets:
         cfg: the ``budgets`` section.
         ledger: the shared ledger (its ``used_g`` is read; ``reserve`` where it shares them).
         clock: the current time, timezone-aware UTC.
-        read_timeout_s: seconds a ledger read or reservation may take on the request path.
+        read_timeout_s: seconds a ledger read or reservation may take on the request path
+            (default: ``budgets.ledger_timeout_s``).
         estimator: expected joules of a request's plan (none: requests reserve 0 g).
         g_per_j: grams CO2e per joule now (grid intensity and PUE).
     """
@@ -200,14 +200,14 @@ class Budgets:
         cfg: BudgetsConfig,
         ledger: Ledger,
         clock: Callable[[], datetime] = utcnow,
-        read_timeout_s: float = READ_TIMEOUT_S,
+        read_timeout_s: float | None = None,
         estimator: Estimator | None = None,
         g_per_j: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.cfg = cfg
         self.ledger = ledger
         self.clock = clock
-        self.read_timeout_s = read_timeout_s
+        self._read_timeout_s = read_timeout_s
         self.estimator = estimator
         self.g_per_j = g_per_j
         self.holds = Holds()
@@ -217,6 +217,13 @@ class Budgets:
         self._unwritten: dict[str, list[tuple[_Used, float]]] = {}
         self._releasing: set[asyncio.Task[None]] = set()
         self._reserve_failed = False
+
+    @property
+    def read_timeout_s(self) -> float:
+        """Seconds a ledger read or reservation may take (``budgets.ledger_timeout_s``)."""
+        if self._read_timeout_s is not None:
+            return self._read_timeout_s
+        return self.cfg.ledger_timeout_s
 
     @property
     def enabled(self) -> bool:

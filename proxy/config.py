@@ -142,6 +142,9 @@ class BudgetsConfig(Section):
     cache_s: float = Field(2.0, ge=0)
     #: seconds an admitted request's reservation lasts at most (a crashed replica's expires)
     reservation_ttl_s: float = Field(600.0, gt=0)
+    #: seconds a budget's ledger read or Redis reservation may take on the request path; past
+    #: it the request is admitted on this process's own figures (budgets fail open)
+    ledger_timeout_s: float = Field(0.5, gt=0)
 
 
 class LimitsConfig(Section):

@@ -60,7 +60,12 @@ def budget_config(
         upstreams=[{"name": "llm", "url": upstream_url, "devices": []}, *extra_upstreams],
         carbon={"intensity_g_per_kwh": INTENSITY_G_PER_KWH},
         identity={"allow_header_identity": True},
-        budgets={"users": {"carol": {"grams_per_day": budget_g}}, "cache_s": 0},
+        # a loaded test machine must not make admission fail open: the bound is what is tested
+        budgets={
+            "users": {"carol": {"grams_per_day": budget_g}},
+            "cache_s": 0,
+            "ledger_timeout_s": 10,
+        },
         ledger=ledger,
         **extra,
     )
