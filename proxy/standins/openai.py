@@ -1,6 +1,6 @@
-"""A stand-in OpenAI-compatible inference server for the demo, tests and benchmarks.
+"""Stand-in OpenAI-compatible inference servers for the demo, tests and benchmarks.
 
-It speaks the wire format of three real servers, chosen by ``flavor``:
+``StandIn`` speaks the wire format of three real servers, chosen by ``flavor``:
 
 - ``vllm``: compact JSON chunks (``model_dump_json(exclude_unset=True)``), a usage-only chunk
   (``"choices":[]``) when ``stream_options.include_usage`` is set, then ``data: [DONE]``;
@@ -8,19 +8,26 @@ It speaks the wire format of three real servers, chosen by ``flavor``:
 - ``transformers``: no usage in streams at all, no ``[DONE]``.
 
 Tokens are whitespace words; latencies follow a per-task model so energy differs by task.
+
+``FastStandIn`` is vLLM's chat route at zero latency with bodies precomputed per model name,
+for the benchmarks (``bench/upstream.py`` runs it). Both build their JSON with the functions
+below, so they send the same bytes for the same answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from proxy.standins.recording import compact
+from proxy.usage.base import parse_json
 
 FLAVORS = ("vllm", "llamacpp", "transformers")
 
@@ -47,8 +54,73 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+# -- vLLM's JSON, field for field --------------------------------------------------------------
+
+DONE = b"data: [DONE]\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """vLLM's ``UsageInfo``, in its field order."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+def generated(n: int) -> list[str]:
+    """The text pieces of ``n`` generated tokens: ``w0``, `` w1``, ..."""
+    return [f"w{i}" if i == 0 else f" w{i}" for i in range(n)]
+
+
+def head(rid: str, created: int, model: str, chat: bool, stream: bool) -> dict[str, Any]:
+    """The fields every answer (or stream chunk) starts with."""
+    obj = "chat.completion" if chat else "text_completion"
+    if chat and stream:
+        obj += ".chunk"
+    return {"id": rid, "object": obj, "created": created, "model": model}
+
+
+def completion(
+    start: dict[str, Any], text: str, used: dict[str, int], chat: bool
+) -> dict[str, Any]:
+    """A non-streaming answer that stopped at its token limit."""
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice.update({"logprobs": None, "finish_reason": "length"})
+    return {**start, "choices": [choice], "usage": used}
+
+
+def role_chunk(start: dict[str, Any]) -> dict[str, Any]:
+    """A chat stream's first chunk: the role, no content yet."""
+    delta = {"role": "assistant", "content": ""}
+    return {
+        **start,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+    }
+
+
+def content_chunk(start: dict[str, Any], piece: str, chat: bool, last: bool) -> dict[str, Any]:
+    """One generated token; the last one carries the finish reason."""
+    c: dict[str, Any] = {"index": 0}
+    if chat:
+        c["delta"] = {"content": piece}
+    else:
+        c["text"] = piece
+    c.update({"logprobs": None, "finish_reason": "length" if last else None})
+    return {**start, "choices": [c]}
+
+
+def usage_chunk(start: dict[str, Any], used: dict[str, int]) -> dict[str, Any]:
+    """The usage-only chunk vLLM adds when ``stream_options.include_usage`` is set."""
+    return {**start, "choices": [], "usage": used}
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + compact(obj) + b"\n\n"
 
 
 @dataclass
@@ -135,72 +207,34 @@ class StandIn:
         n = int(
             doc.get("max_tokens") or doc.get("max_completion_tokens") or self.default_max_tokens
         )
-        prompt_tokens = count_tokens(prompt)
-        words = [f"w{i}" for i in range(n)]
+        pieces = generated(n)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:16]
         created = int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "total_tokens": prompt_tokens + n,
-            "completion_tokens": n,
-        }
+        used = usage(count_tokens(prompt), n)
         await self._sleep(lat.prefill_s)
         if not doc.get("stream"):
             await self._sleep(lat.per_token_s * n)
-            text = " ".join(words)
-            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            body = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": model,
-                "choices": [choice],
-                "usage": usage,
-            }
-            return web.Response(text=_dumps(body), content_type="application/json")
+            body = completion(head(rid, created, model, chat, False), "".join(pieces), used, chat)
+            return web.Response(body=compact(body), content_type="application/json")
         include_usage = bool((doc.get("stream_options") or {}).get("include_usage"))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
-        base = {
-            "id": rid,
-            "object": obj + ".chunk" if chat else obj,
-            "created": created,
-            "model": model,
-        }
+        start = head(rid, created, model, chat, True)
         try:
             if chat:
-                first = {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                await self._event(resp, {**base, "choices": [first]})
-            for i, word in enumerate(words):
+                await resp.write(sse(role_chunk(start)))
+            for i, piece in enumerate(pieces):
                 await self._sleep(lat.per_token_s)
                 last = i == n - 1
-                piece = word if i == 0 else " " + word
-                c: dict[str, Any] = {"index": 0}
-                if chat:
-                    c["delta"] = {"content": piece}
-                else:
-                    c["text"] = piece
-                c["logprobs"] = None
-                c["finish_reason"] = "length" if last else None
-                event: dict[str, Any] = {**base, "choices": [c]}
+                event = content_chunk(start, piece, chat, last)
                 if last and self.flavor == "llamacpp":
-                    event["usage"] = usage
-                    event["timings"] = {"prompt_n": prompt_tokens, "predicted_n": n}
-                await self._event(resp, event)
+                    event["usage"] = used
+                    event["timings"] = {"prompt_n": used["prompt_tokens"], "predicted_n": n}
+                await resp.write(sse(event))
             if self.flavor == "vllm":
                 if include_usage:
-                    await self._event(resp, {**base, "choices": [], "usage": usage})
-                await resp.write(b"data: [DONE]\n\n")
+                    await resp.write(sse(usage_chunk(start, used)))
+                await resp.write(DONE)
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError):
             self.disconnects += 1
@@ -208,9 +242,6 @@ class StandIn:
             self.disconnects += 1
             raise
         return resp
-
-    async def _event(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
-        await resp.write(f"data: {_dumps(obj)}\n\n".encode())
 
     # -- other tasks ------------------------------------------------------------------------
 
@@ -237,7 +268,7 @@ class StandIn:
                 "prompt_tokens_details": None,
             },
         }
-        return web.Response(text=_dumps(body), content_type="application/json")
+        return web.Response(body=compact(body), content_type="application/json")
 
     async def embeddings(self, request: web.Request) -> web.Response:
         item = {"object": "embedding", "embedding": [0.1, -0.2, 0.3]}
@@ -255,4 +286,109 @@ class StandIn:
         await self._sleep(lat.prefill_s + lat.per_token_s * steps * n)
         png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
         body = {"created": int(time.time()), "data": [{"b64_json": png} for _ in range(n)]}
-        return web.Response(text=_dumps(body), content_type="application/json")
+        return web.Response(body=compact(body), content_type="application/json")
+
+
+# -- the benchmarks' upstream ----------------------------------------------------------------
+
+#: Content chunks per streamed answer of ``FastStandIn``.
+FAST_CHUNKS = 20
+#: The prompt tokens ``FastStandIn`` reports, whatever the prompt.
+FAST_PROMPT_TOKENS = 64
+#: Seconds a held stream waits for ``/bench/release`` before it finishes anyway.
+HOLD_MAX_S = 300.0
+_FAST_ID = "chatcmpl-bench"
+_FAST_CREATED = 1700000000
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+
+
+class FastStandIn:
+    """vLLM's ``POST /v1/chat/completions`` at zero latency, for the benchmarks.
+
+    A non-streaming completion with usage, or (``"stream": true``) ``FAST_CHUNKS`` content
+    chunks, a usage chunk when ``stream_options.include_usage`` is set, then ``[DONE]``; the
+    bytes are built once per model name. The model name ``hold`` sends the headers and one
+    chunk, then waits until ``GET /bench/release`` (or ``HOLD_MAX_S``) before it finishes: the
+    idle streams of the memory benchmark. ``GET /bench/held`` counts the streams held now.
+    """
+
+    def __init__(self) -> None:
+        self._bodies: dict[str, bytes] = {}
+        self._events: dict[str, tuple[list[bytes], bytes]] = {}
+        self.release = asyncio.Event()
+        self.held = 0
+
+    def _body(self, model: str) -> bytes:
+        found = self._bodies.get(model)
+        if found is None:
+            text = "".join(generated(FAST_CHUNKS))
+            start = head(_FAST_ID, _FAST_CREATED, model, chat=True, stream=False)
+            used = usage(FAST_PROMPT_TOKENS, FAST_CHUNKS)
+            found = self._bodies[model] = compact(completion(start, text, used, chat=True))
+        return found
+
+    def _stream(self, model: str) -> tuple[list[bytes], bytes]:
+        """The content events of one streamed answer, and its usage event."""
+        found = self._events.get(model)
+        if found is None:
+            start = head(_FAST_ID, _FAST_CREATED, model, chat=True, stream=True)
+            events = [
+                sse(content_chunk(start, piece, chat=True, last=i == FAST_CHUNKS - 1))
+                for i, piece in enumerate(generated(FAST_CHUNKS))
+            ]
+            used = sse(usage_chunk(start, usage(FAST_PROMPT_TOKENS, FAST_CHUNKS)))
+            found = self._events[model] = (events, used)
+        return found
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/bench/release", self.do_release)
+        app.router.add_get("/bench/held", self.held_count)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def held_count(self, request: web.Request) -> web.Response:
+        return web.Response(text=str(self.held))
+
+    async def do_release(self, request: web.Request) -> web.Response:
+        """Finish every held stream; streams opened afterwards are held again."""
+        release, self.release = self.release, asyncio.Event()
+        release.set()
+        return web.Response(text=str(self.held))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        doc = parse_json(await request.read())
+        model = str(doc.get("model", "bench"))
+        if not doc.get("stream"):
+            return web.Response(body=self._body(model), content_type="application/json")
+        include_usage = bool((doc.get("stream_options") or {}).get("include_usage"))
+        events, used = self._stream(model)
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        try:
+            if model == "hold":
+                await self._hold(resp, events)
+            else:
+                for event in events:
+                    await resp.write(event)
+            if include_usage:
+                await resp.write(used)
+            await resp.write(DONE)
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return resp
+
+    async def _hold(self, resp: web.StreamResponse, events: list[bytes]) -> None:
+        await resp.write(events[0])
+        self.held += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.release.wait(), HOLD_MAX_S)
+        finally:
+            self.held -= 1
+        await resp.write(b"".join(events[1:]))
