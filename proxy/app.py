@@ -32,7 +32,6 @@ from proxy.accounting import Accountant
 from proxy.background import Background
 from proxy.budgets import Budgets
 from proxy.config import Config, UpstreamConfig
-from proxy.emissions import Emissions, RecentRecords
 from proxy.errors import ProxyError
 from proxy.forward import BudgetCheck, Forwarder, check_framing, check_target, json_error
 from proxy.headers import client_request_id, request_id
@@ -43,6 +42,7 @@ from proxy.ledger.writer import LedgerWriter
 from proxy.metrics import Metrics, metrics_handler
 from proxy.model_info import task_from_model_path
 from proxy.records import RequestRecord
+from proxy.reports.api import Emissions, RecentRecords
 from proxy.routing import Router
 from proxy.tokens import TokenCounter
 
