@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import date, timedelta
 from typing import Any
 
+from estimators.units import J_PER_WH
 from proxy.ledger.base import AggregateRow
 from proxy.reports.build import EQUIVALENTS_SOURCE, Totals, group
 
@@ -44,7 +45,6 @@ LEGEND_ROW_PX = 16
 LEGEND_CHAR_PX = 7  # width of one legend character, roughly, at 11 px
 #: Days shown at most on the chart (the latest ones); longer periods keep their totals.
 MAX_CHART_DAYS = 366
-J_PER_WH = 3600.0
 
 CSS = """
 :root { color-scheme: light; }
