@@ -31,7 +31,6 @@ from proxy.accounting import Accountant
 from proxy.background import Background
 from proxy.budgets import Budgets
 from proxy.config import Config, UpstreamConfig
-from proxy.emissions import Emissions, RecentRecords
 from proxy.errors import ProxyError
 from proxy.forward import BudgetCheck, Forwarder, check_framing, check_target, json_error
 from proxy.headers import client_request_id, request_id
@@ -41,6 +40,7 @@ from proxy.ledger.spool import Spool
 from proxy.ledger.writer import LedgerWriter
 from proxy.metrics import Metrics, metrics_handler
 from proxy.records import RequestRecord
+from proxy.reports.api import Emissions, RecentRecords
 from proxy.routing import Router
 from proxy.tokens import TokenCounter
 

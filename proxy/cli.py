@@ -121,7 +121,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from proxy.ledger.base import AggregateRow, open_ledger
-    from proxy.reports import build_report, default_period, parse_day, report_csv, report_table
+    from proxy.reports import (
+        build_report,
+        default_period,
+        parse_day,
+        render_html,
+        report_csv,
+        report_table,
+    )
 
     try:
         cfg = _config(args.config)
@@ -165,8 +172,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         out = report_csv(report)
     elif args.format == "html":
-        from proxy.report_html import render_html
-
         out = render_html(report, rows)
     else:
         out = report_table(report)

@@ -25,7 +25,7 @@ from estimators.units import J_PER_KWH
 from proxy.app import PARTS, create_app
 from proxy.config import parse_config
 from proxy.reports import build_report, equivalents, group, report_table
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 
 USERS = {"alice": "research", "bob": "research", "carol": "product"}
 

@@ -18,7 +18,7 @@ from proxy.app import PARTS, Parts, create_app
 from proxy.config import Config, parse_config
 from proxy.ledger.base import Ledger
 from proxy.protocol import ProxyRunner
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 
 # Loaded before any test module is imported, so every ``@settings(...)`` in them inherits it:
 # the same examples on every run (seeded from each test), and no example database carried

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from proxy.standins import Recorder
 from proxy.tasks import task_for
 from tests.conftest import ProxyFactory, url_of
-from tests.standins import Recorder, call, upstream_config
+from tests.helpers.through_proxy import call, upstream_config
 
 
 class Custom(Recorder):

@@ -1,4 +1,4 @@
-"""wattproxy in front of llama.cpp's two servers (byte-exact replays in tests/standins/llamacpp.py):
+"""wattproxy in front of llama.cpp's two servers (byte-exact replays in proxy/standins/llamacpp.py):
 every generated token is counted, the empty-text ones included, and the server's own figures
 (``usage``, else ``timings``) win wherever it sends them."""
 
@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ProxyFactory, url_of
-from tests.standins import call, upstream_config
-from tests.standins.llamacpp import (
+from proxy.standins.llamacpp import (
     LLAMA_CPP_PYTHON,
     PY_GENERATED,
     SERVER_GENERATED,
@@ -19,7 +17,9 @@ from tests.standins.llamacpp import (
     LlamaCpp,
     llama_server_stream,
 )
-from tests.standins.tiny_model import build_tokenizer, pieces
+from tests.conftest import ProxyFactory, url_of
+from tests.helpers.through_proxy import call, upstream_config
+from tests.helpers.tiny_model import build_tokenizer, pieces
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "say hi"}], "stream": True}
 

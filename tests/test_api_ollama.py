@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from proxy.standins.ollama import EVAL_NS_PER_TOKEN, LOAD_NS, Ollama
 from proxy.usage.base import MAX_EVENT_BYTES
 from proxy.usage.ollama import NDJSONFramer, OllamaStream, plan_request, usage_from_body
 from tests.conftest import ProxyFactory, url_of
-from tests.standins import call, upstream_config
-from tests.standins.ollama import EVAL_NS_PER_TOKEN, LOAD_NS, Ollama
-from tests.standins.tiny_model import build_tokenizer, pieces
+from tests.helpers.through_proxy import call, upstream_config
+from tests.helpers.tiny_model import build_tokenizer, pieces
 
 PROMPT = "why is the sky blue"  # 5 words
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
+from proxy.standins.openai_extra import SPEECH_S_PER_WORD, OpenAIExtra, wav_bytes
 from proxy.usage.audio import WavProbe
 from proxy.usage.base import MAX_EVENT_BYTES
 from proxy.usage.multipart import MultipartUpload, boundary_of, upload_probe
 from proxy.usage.openai import EventSSE, plan_openai_request, usage_from_body
 from tests.conftest import ProxyFactory, url_of
-from tests.standins import call, upstream_config
-from tests.standins.openai_extra import SPEECH_S_PER_WORD, OpenAIExtra, wav_bytes
-from tests.standins.tiny_model import build_tokenizer, pieces
+from tests.helpers.through_proxy import call, upstream_config
+from tests.helpers.tiny_model import build_tokenizer, pieces
 
 PROMPT = "why is the sky blue"  # 5 words
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from proxy.standins.tei import TEI
 from proxy.usage.tei import plan_request, usage_from_body, usage_from_headers
 from tests.conftest import ProxyFactory, url_of
-from tests.standins import call, upstream_config
-from tests.standins.tei import TEI
-from tests.standins.tiny_model import build_tokenizer, pieces
+from tests.helpers.through_proxy import call, upstream_config
+from tests.helpers.tiny_model import build_tokenizer, pieces
 
 A, B, Q = "hello world", "the quick brown fox", "how are you"
 

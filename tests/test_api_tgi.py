@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from proxy.standins.tgi import TGI
 from proxy.usage.tgi import TGIStream, plan_request, usage_from_body, usage_from_headers
 from tests.conftest import ProxyFactory, url_of
-from tests.standins import call, upstream_config
-from tests.standins.tgi import TGI
-from tests.standins.tiny_model import build_tokenizer, pieces
+from tests.helpers.through_proxy import call, upstream_config
+from tests.helpers.tiny_model import build_tokenizer, pieces
 
 PROMPT = "hello world how are you"  # 5 words; TGI adds <s>: 6 prompt tokens
 

@@ -25,7 +25,7 @@ from proxy.ledger.base import AggregateRow, Ledger
 from proxy.ledger.redis import RedisLedger
 from proxy.ledger.sqlite import SQLiteLedger
 from proxy.records import RequestRecord, utc_iso
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 from tests.conftest import ProxyFactory, proxy_config, url_of
 from tests.helpers.budget_burst import (
     CHAT_16,

@@ -12,11 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import url_of
-from tests.helpers.serve import ROOT, free_port, wattproxy_serve
-
-__all__ = ["ROOT", "WATTPROXY", "free_port"]  # used by other tests
-
-WATTPROXY = [sys.executable, "-m", "proxy.cli"]
+from tests.helpers.serve import ROOT, WATTPROXY, wattproxy_serve
 
 
 def run(

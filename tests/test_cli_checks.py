@@ -11,8 +11,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.helpers.serve import free_port, wattproxy_serve
-from tests.test_cli import ROOT, WATTPROXY
+from tests.helpers.serve import ROOT, WATTPROXY, free_port, wattproxy_serve
 
 
 def run(

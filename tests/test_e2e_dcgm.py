@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.standin import StandIn
+from proxy.standins import StandIn
+from tests.fakes.dcgm_exporter import ExporterGpu, FakeExporter
 from tests.helpers.serve import wattproxy_serve
-from tests.test_meters_dcgm import ExporterGpu, FakeExporter
 
 POWER_W = 250.0
 

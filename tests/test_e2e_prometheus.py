@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 from tests.helpers.serve import free_port, wait_http, wattproxy_serve
 
 

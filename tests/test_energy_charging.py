@@ -28,7 +28,7 @@ from proxy.metrics import Metrics
 from proxy.records import RequestRecord
 from proxy.usage.base import Usage
 from tests.conftest import ProxyFactory, proxy_config, url_of
-from tests.test_proxy_openai import CHAT, final_record
+from tests.helpers.through_proxy import CHAT, final_record
 
 IDLE_W = 60.0
 SAMPLE_S = 0.1

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import ssl
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +22,15 @@ from estimators.errors import MeterError
 from estimators.meters import Meter, Reading, SimulatedMeter
 from proxy.config import load_config
 from proxy.ledger.sqlite import SQLiteLedger
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 from tests.conftest import ProxyFactory, proxy_config, url_of
 from tests.helpers.proxy_load import settle
 from tests.helpers.redis_server import RedisServer
-from tests.helpers.serve import ROOT, free_port
-from tests.test_cli import WATTPROXY
-from tests.test_proxy_openai import CHAT, final_record
-from tests.test_slow_peers import running
 
 # -- the meter -------------------------------------------------------------------------------
+from tests.helpers.serve import base_config, free_port, serve_process
+from tests.helpers.service import running
+from tests.helpers.through_proxy import CHAT, final_record
 
 
 class FailingMeter(Meter):
@@ -226,95 +221,6 @@ async def test_carbon_provider_down_falls_back_to_the_table(
 
 
 # -- a real process: SIGHUP and SIGTERM ------------------------------------------------------
-
-
-@dataclass
-class Served:
-    proc: subprocess.Popen[bytes]
-    port: int
-    config_path: Path
-    log_path: Path
-    scheme: str = "http"
-
-    @property
-    def base(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError(
-                f"wattproxy did not exit in {timeout_s} s:\n{self.output()}"
-            ) from None
-
-
-def base_config(upstream_url: str, tmp_path: Path, **sections: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "upstreams": [{"name": "llm", "url": upstream_url}],
-        "meter": {"kind": "simulated", "interval_ms": 20},
-        "ledger": {
-            "url": f"sqlite:///{tmp_path / 'ledger.db'}",
-            "flush_interval_ms": 50,
-            "spool_path": str(tmp_path / "spool.jsonl"),
-        },
-    }
-    doc.update(sections)
-    return doc
-
-
-@contextlib.asynccontextmanager
-async def serve_process(
-    doc: dict[str, Any],
-    tmp_path: Path,
-    env: dict[str, str] | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-) -> AsyncIterator[Served]:
-    """``wattproxy serve --config`` in a subprocess, up and answering /healthz; SIGTERM after.
-    Unlike ``tests.helpers.serve``, its output goes to a file that can be read while it runs
-    (reload messages) and it can wait for a TLS listener."""
-    config_path = tmp_path / "wattproxy.yaml"
-    config_path.write_text(yaml.safe_dump(doc))
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*WATTPROXY, "serve", "--config", str(config_path)],
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-        )
-    served = Served(
-        proc,
-        int(doc["listen"]["port"]),
-        config_path,
-        log_path,
-        "https" if ssl_context is not None else "http",
-    )
-    try:
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession() as s:
-            while True:
-                assert proc.poll() is None, f"serve exited:\n{served.output()}"
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with s.get(served.base + "/healthz", ssl=ssl_context or False) as r:
-                        if r.status == 200:
-                            break
-                assert time.monotonic() < deadline, f"serve did not come up:\n{served.output()}"
-                await asyncio.sleep(0.05)
-        yield served
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(AssertionError):
-                served.stop()
 
 
 @pytest.mark.timeout(60)

@@ -20,9 +20,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import ProxyFactory, proxy_config, url_of
-from tests.test_hostile_input import no_tracebacks, raw_exchange, recorder_server, still_serves
-from tests.test_proxy_openai import CHAT, final_record
-from tests.test_slow_peers import listen, running
+from tests.helpers.logs import no_tracebacks
+from tests.helpers.raw_http import raw_exchange
+from tests.helpers.recording_upstream import recorder_server, still_serves
+from tests.helpers.service import listen, running
+from tests.helpers.through_proxy import CHAT, final_record
 
 FIRST_EVENTS = (
     b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'

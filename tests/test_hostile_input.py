@@ -8,121 +8,22 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 from proxy.usage import RequestPlan, StreamUsage, Usage
 from tests.conftest import ProxyFactory, proxy_config, url_of
-from tests.test_proxy_openai import final_record
+from tests.helpers.logs import no_tracebacks
+from tests.helpers.raw_http import raw_exchange
+from tests.helpers.recording_upstream import recorder_server, still_serves
+from tests.helpers.through_proxy import final_record
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-
-
-@dataclass
-class Seen:
-    method: str
-    raw_path: str
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-    complete: bool
-
-
-@dataclass
-class Recorder:
-    """An upstream that records every request it receives (whole or broken off) and answers
-    with a small OpenAI-style completion."""
-
-    seen: list[Seen] = field(default_factory=list)
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.Response:
-        chunks: list[bytes] = []
-        complete = True
-        try:
-            async for chunk in request.content.iter_any():
-                chunks.append(chunk)
-        except (aiohttp.ClientPayloadError, ConnectionError, asyncio.CancelledError):
-            complete = False
-        self.seen.append(
-            Seen(
-                request.method,
-                request.raw_path,
-                {k.lower(): v for k, v in request.headers.items()},
-                b"".join(chunks),
-                complete,
-            )
-        )
-        if not complete:
-            raise ConnectionResetError("request broke off")
-        return web.json_response(
-            {
-                "id": "x",
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            }
-        )
-
-
-async def recorder_server(aiohttp_server: Any) -> tuple[Recorder, TestServer]:
-    rec = Recorder()
-    server: TestServer = await aiohttp_server(rec.app())
-    return rec, server
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    closed: bool  # the proxy closed the connection after answering
-
-
-async def raw_exchange(port: int, data: bytes, timeout_s: float = 5.0) -> RawResponse:
-    """Send ``data`` as is, read one response, and tell whether the connection then closed."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        async with asyncio.timeout(timeout_s):
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            status = int(lines[0].split(" ")[1])
-            headers = {}
-            for line in lines[1:]:
-                if ":" in line:
-                    k, v = line.split(":", 1)
-                    headers[k.strip().lower()] = v.strip()
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-        try:
-            async with asyncio.timeout(0.25):
-                rest = await reader.read()
-            closed = rest == b""
-        except TimeoutError:
-            closed = False
-        return RawResponse(status, headers, body, closed)
-    finally:
-        writer.close()
-
-
-async def still_serves(base: str) -> None:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(base + "/v1/chat/completions", json=CHAT) as r,
-    ):
-        assert r.status == 200
-        assert (await r.json())["usage"]["total_tokens"] == 2
 
 
 def two_upstreams(url: str, tmp_path: Path, **sections: Any) -> Any:
@@ -135,13 +36,6 @@ def two_upstreams(url: str, tmp_path: Path, **sections: Any) -> Any:
         ],
         **sections,
     )
-
-
-def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
-    for rec in caplog.records:
-        assert rec.exc_info is None, f"{rec.name}: {rec.getMessage()} logged a traceback"
-        assert rec.levelno < logging.ERROR, f"{rec.name}: {rec.getMessage()}"
-    assert "Traceback" not in caplog.text
 
 
 # -- bodies ----------------------------------------------------------------------------------

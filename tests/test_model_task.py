@@ -278,7 +278,7 @@ async def test_an_unmetered_upstream_with_a_model_config_gets_the_llm_estimate(
     import aiohttp
 
     from tests.conftest import proxy_config, url_of
-    from tests.test_proxy_openai import final_record
+    from tests.helpers.through_proxy import final_record
 
     folder = tmp_path / "llama"
     config = LlamaConfig(

@@ -1,14 +1,13 @@
 """wattproxy in front of OpenAI-compatible servers, over real loopback HTTP.
 
 The upstreams here replay the exact bytes of vLLM, llama.cpp server and transformers serve
-(the streams from test_usage_openai), so byte equality can be asserted.
+(tests/helpers/openai_replays.py), so byte equality can be asserted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import ProxyFactory, proxy_config, url_of
-from tests.test_usage_openai import (
+from tests.helpers.openai_replays import (
     LLAMACPP,
+    NON_STREAM,
     TRANSFORMERS,
     VLLM_CLIENT_VIEW,
     VLLM_WITH_USAGE,
 )
-
-NON_STREAM = (
-    b'{"id":"chatcmpl-9","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
-    b'"message":{"role":"assistant","content":"hi there"},"logprobs":null,"finish_reason":"stop"}],'
-    b'"usage":{"prompt_tokens":11,"total_tokens":13,"completion_tokens":2}}'
-)
+from tests.helpers.serve import free_port
+from tests.helpers.through_proxy import CHAT, final_record
 
 
 def events(stream: bytes) -> list[bytes]:
@@ -89,23 +85,6 @@ async def scripted_server(aiohttp_server: Any, flavor: str = "vllm", delay_s: fl
     s = Scripted(flavor, delay_s)
     server: TestServer = await aiohttp_server(s.app())
     return s, server
-
-
-async def final_record(base: str, rid: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            async with session.get(f"{base}/v1/emissions/requests/{rid}") as r:
-                if r.status == 200:
-                    doc: dict[str, Any] = await r.json()
-                    if doc["final"]:
-                        return doc
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"record {rid} not final in {timeout_s} s")
-            await asyncio.sleep(0.02)
-
-
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "one two three"}]}
 
 
 @pytest.mark.parametrize(
@@ -206,14 +185,8 @@ async def test_client_disconnect_cancels_upstream_and_records_partial(
     assert rec["energy_j"] > 0
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_upstream_refused_is_502_json(make_proxy: ProxyFactory, tmp_path: Path) -> None:
-    proxy, _ = await make_proxy(proxy_config(f"http://127.0.0.1:{closed_port()}", tmp_path))
+    proxy, _ = await make_proxy(proxy_config(f"http://127.0.0.1:{free_port()}", tmp_path))
     async with (
         aiohttp.ClientSession() as s,
         s.post(url_of(proxy) + "/v1/chat/completions", json=CHAT) as r,
@@ -434,7 +407,7 @@ async def test_health_ready_and_metrics(
 
 
 async def test_readyz_503_when_upstream_down(make_proxy: ProxyFactory, tmp_path: Path) -> None:
-    proxy, _ = await make_proxy(proxy_config(f"http://127.0.0.1:{closed_port()}", tmp_path))
+    proxy, _ = await make_proxy(proxy_config(f"http://127.0.0.1:{free_port()}", tmp_path))
     async with aiohttp.ClientSession() as s, s.get(url_of(proxy) + "/readyz") as r:
         assert r.status == 503
         assert (await r.json())["upstreams"] == {"llm": False}

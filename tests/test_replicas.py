@@ -19,7 +19,7 @@ from proxy.app import Parts
 from proxy.config import Config
 from proxy.ledger.redis import RedisLedger
 from proxy.records import RequestRecord
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 from tests.conftest import ProxyFactory, proxy_config, url_of
 from tests.helpers.budget_burst import Gate, budget_config, burst, gated_app, request_g
 from tests.helpers.ledger_data import assert_same

@@ -18,8 +18,8 @@ import pytest
 from proxy.cli import main
 from proxy.ledger.base import AggregateRow
 from proxy.ledger.sqlite import SQLiteLedger
-from proxy.report_html import CHART_HEIGHT_PX, MARGIN_BOTTOM_PX, MARGIN_TOP_PX, render_html
 from proxy.reports import build_report
+from proxy.reports.html_page import CHART_HEIGHT_PX, MARGIN_BOTTOM_PX, MARGIN_TOP_PX, render_html
 from tests.helpers.ledger_data import record
 from tests.helpers.png import colour_counts, hex_rgb
 
@@ -264,7 +264,7 @@ def test_chromium_draws_the_chart(tmp_path: Path) -> None:
 
 
 def test_numbers_are_never_in_exponent_form() -> None:
-    from proxy.report_html import fmt_energy, fmt_g
+    from proxy.reports.html_page import fmt_energy, fmt_g
 
     assert fmt_energy(1196.06) == "1,196 J"
     assert fmt_energy(36_000.0) == "10 Wh"

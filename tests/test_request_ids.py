@@ -21,7 +21,7 @@ from yarl import URL
 from estimators.meters import Meter, Reading, SimulatedMeter
 from proxy.app import FORWARDER
 from proxy.ledger.base import Ledger
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 from tests.conftest import ProxyFactory, proxy_config, url_of
 from tests.helpers.budget_burst import CHAT_16, Gate, budget_config, gated_app, request_g
 from tests.helpers.proxy_load import settle

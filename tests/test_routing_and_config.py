@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import ProxyFactory, proxy_config, url_of
-from tests.test_proxy_openai import closed_port
+from tests.helpers.serve import free_port
 
 CHAT_RAW = b'{"model": "%s",  "messages": [{"role": "user", "content": "hi"}]}'
 ANSWER = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1}}'
@@ -147,7 +147,7 @@ async def test_readyz_with_one_upstream_up_and_one_down_follows_ready_when(
     sections: dict[str, Any] = {
         "upstreams": [
             {"name": "up", "url": url_of(up), "models": ["a"]},
-            {"name": "down", "url": f"http://127.0.0.1:{closed_port()}", "models": ["b"]},
+            {"name": "down", "url": f"http://127.0.0.1:{free_port()}", "models": ["b"]},
         ]
     }
     if ready_when is not None:

@@ -18,17 +18,15 @@ import yaml
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import emissions as emissions_module
 from proxy import identity as identity_module
 from proxy.identity import IdentityResolver, KeyStore
-from proxy.standin import StandIn
+from proxy.reports import api as report_api
+from proxy.standins import StandIn
 from tests.conftest import proxy_config, url_of
-from tests.helpers.serve import ROOT
-from tests.test_cli import WATTPROXY
-from tests.test_failing_parts import base_config, serve_process
-from tests.test_hostile_input import raw_exchange
-from tests.test_proxy_openai import CHAT
-from tests.test_slow_peers import running
+from tests.helpers.raw_http import raw_exchange
+from tests.helpers.serve import ROOT, WATTPROXY, base_config, serve_process
+from tests.helpers.service import running
+from tests.helpers.through_proxy import CHAT
 
 PLANTED = "sk-wattproxy-PLANTED-7f3a9c1e5b"  # alice's key, plaintext in the keys file
 BAD_KEY = "sk-wattproxy-WRONGKEY-0d2b4f"  # a key nobody has
@@ -226,8 +224,8 @@ def test_keys_are_stored_hashed_and_compared_in_constant_time(
     assert all(PLANTED not in repr(pair) for pair in compared)  # only hashes are compared
     assert store.lookup(BAD_KEY) is None
     # the admin token, too, is compared with hmac.compare_digest
-    assert emissions_module.hmac is hmac
-    assert "compare_digest" in Path(emissions_module.__file__).read_text()
+    assert report_api.hmac is hmac
+    assert "compare_digest" in Path(report_api.__file__).read_text()
 
 
 async def test_metrics_on_their_own_listener(upstream: TestServer, tmp_path: Path) -> None:

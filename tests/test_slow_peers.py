@@ -12,7 +12,6 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +19,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from prometheus_client import CollectorRegistry
 
-from proxy.config import Config
-from proxy.server import Service
 from tests.conftest import ProxyFactory, proxy_config, url_of
-from tests.test_hostile_input import recorder_server
-from tests.test_proxy_openai import CHAT, final_record
-
-READ_TIMEOUT_S = 0.6
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config, **parts_kwargs: Any) -> AsyncIterator[Service]:
-    """The proxy with production runner settings, on a free port, stopped afterwards."""
-    service = Service(cfg, registry=CollectorRegistry(), **parts_kwargs)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
-
-
-def listen(**extra: Any) -> dict[str, Any]:
-    return {"host": "127.0.0.1", "port": 0, "read_timeout_s": READ_TIMEOUT_S, **extra}
+from tests.helpers.recording_upstream import recorder_server
+from tests.helpers.service import READ_TIMEOUT_S, listen, running
+from tests.helpers.through_proxy import CHAT, final_record
 
 
 async def closed_after(reader: asyncio.StreamReader, limit_s: float) -> float:

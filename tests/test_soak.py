@@ -23,10 +23,10 @@ from aiohttp.typedefs import Handler
 from proxy.app import PARTS
 from proxy.ledger.sqlite import SQLiteLedger
 from proxy.records import RequestRecord
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 from tests.conftest import proxy_config, url_of
 from tests.helpers.proxy_load import settle
-from tests.test_slow_peers import running
+from tests.helpers.service import running
 
 WARMUP_S = 2.0
 SOAK_S = 8.0

@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from proxy.standins import Recorder
 from tests.conftest import ProxyFactory, url_of
-from tests.standins import Recorder, call, upstream_config
+from tests.helpers.through_proxy import call, upstream_config
 
 HEAD = (
     b'data: {"id":"chatcmpl-9f1c","object":"chat.completion.chunk","created":1733300000,'

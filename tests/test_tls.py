@@ -15,11 +15,11 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 from tests.conftest import ProxyFactory, proxy_config
-from tests.test_hostile_input import recorder_server
-from tests.test_proxy_openai import CHAT, final_record
-from tests.test_slow_peers import running
+from tests.helpers.recording_upstream import recorder_server
+from tests.helpers.service import running
+from tests.helpers.through_proxy import CHAT, final_record
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 

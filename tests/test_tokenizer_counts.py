@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.standin import StandIn
+from proxy.standins import Recorder, StandIn, compact
 from proxy.tokens import TokenCounter
 from tests.conftest import ProxyFactory, url_of
-from tests.standins import Recorder, call, compact, upstream_config
-from tests.standins.tiny_model import build_tokenizer, pieces
+from tests.helpers.through_proxy import call, upstream_config
+from tests.helpers.tiny_model import build_tokenizer, pieces
 
 MESSAGES = [
     {"role": "system", "content": "you are a helpful model"},

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ProxyFactory, url_of
-from tests.standins import call, upstream_config
+from tests.helpers.through_proxy import call, upstream_config
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.standins.tiny_model import build_llama
+    from tests.helpers.tiny_model import build_llama
 
     return build_llama(tmp_path_factory.mktemp("tiny-llama"))
 

@@ -10,40 +10,16 @@ from hypothesis import strategies as st
 
 from proxy.usage.base import MAX_EVENT_BYTES, SSEFramer, sse_data
 from proxy.usage.openai import OpenAISSE, plan_openai_request, usage_from_body
-
-BASE = '"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m"'
-
-
-def chunk(content: str | None, finish: str | None = None, extra: str = "") -> bytes:
-    delta = "{}" if content is None else json.dumps({"content": content}, separators=(",", ":"))
-    fin = "null" if finish is None else f'"{finish}"'
-    choice = f'{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{fin}}}'
-    return f'data: {{{BASE},"choices":[{choice}]{extra}}}\n\n'.encode()
-
-
-ROLE = (
-    f'data: {{{BASE},"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},'
-    '"logprobs":null,"finish_reason":null}]}\n\n'
-).encode()
-USAGE = (
-    f'data: {{{BASE},"choices":[],"usage":{{"prompt_tokens":7,"total_tokens":10,'
-    '"completion_tokens":3}}\n\n'
-).encode()
-DONE = b"data: [DONE]\n\n"
-VLLM_CLIENT_VIEW = ROLE + chunk("a") + chunk(" b") + chunk(" c", "stop") + DONE
-VLLM_WITH_USAGE = ROLE + chunk("a") + chunk(" b") + chunk(" c", "stop") + USAGE + DONE
-LLAMACPP = (
-    ROLE
-    + chunk("a")
-    + chunk(" b")
-    + chunk(
-        " c",
-        "stop",
-        ',"usage":{"completion_tokens":3,"prompt_tokens":7,"total_tokens":10},'
-        '"timings":{"prompt_n":7,"predicted_n":3}',
-    )
+from tests.helpers.openai_replays import (
+    DONE,
+    LLAMACPP,
+    ROLE,
+    TRANSFORMERS,
+    USAGE,
+    VLLM_CLIENT_VIEW,
+    VLLM_WITH_USAGE,
+    chunk,
 )
-TRANSFORMERS = ROLE + chunk("a") + chunk(" b") + chunk(" c", "stop")
 
 
 def run(parser: OpenAISSE, stream: bytes, cuts: list[int]) -> bytes:

@@ -16,7 +16,7 @@ from aiohttp.typedefs import Handler
 
 from estimators.estimator import Estimator, RequestShape
 from proxy.config import Config
-from proxy.standin import StandIn
+from proxy.standins import StandIn
 from tests.conftest import proxy_config
 
 #: The grid the burst runs on: 360 g/kWh is 1e-4 g per joule.

@@ -1,5 +1,7 @@
 """Run `wattproxy serve` as a real process for a test: write its config, start it, wait until
-it answers, and always stop it (SIGTERM, then kill)."""
+it answers, and always stop it (SIGTERM, then kill). ``wattproxy_serve`` collects the output at
+the end; ``serve_process`` writes it to a file readable while the process runs and can wait for
+a TLS listener."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,6 +23,8 @@ import aiohttp
 import yaml
 
 ROOT = Path(__file__).parent.parent.parent
+#: The ``wattproxy`` command, run from this checkout.
+WATTPROXY = [sys.executable, "-m", "proxy.cli"]
 
 
 def free_port() -> int:
@@ -59,7 +64,7 @@ async def wattproxy_serve(cfg: dict[str, Any], tmp_path: Path) -> AsyncIterator[
     path = tmp_path / "wattproxy.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
+        [*WATTPROXY, "serve", "--config", str(path)],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -79,3 +84,94 @@ async def wattproxy_serve(cfg: dict[str, Any], tmp_path: Path) -> AsyncIterator[
         except subprocess.TimeoutExpired:
             proc.kill()
             served.output, _ = proc.communicate()
+
+
+@dataclass
+class ServedProcess:
+    """A ``wattproxy serve`` process whose output goes to a file."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    config_path: Path
+    log_path: Path
+    scheme: str = "http"
+
+    @property
+    def base(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(
+                f"wattproxy did not exit in {timeout_s} s:\n{self.output()}"
+            ) from None
+
+
+def base_config(upstream_url: str, tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "upstreams": [{"name": "llm", "url": upstream_url}],
+        "meter": {"kind": "simulated", "interval_ms": 20},
+        "ledger": {
+            "url": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "flush_interval_ms": 50,
+            "spool_path": str(tmp_path / "spool.jsonl"),
+        },
+    }
+    doc.update(sections)
+    return doc
+
+
+@contextlib.asynccontextmanager
+async def serve_process(
+    doc: dict[str, Any],
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[ServedProcess]:
+    """``wattproxy serve --config`` in a subprocess, up and answering /healthz; SIGTERM after.
+    Unlike ``wattproxy_serve``, its output goes to a file that can be read while it runs
+    (reload messages) and it can wait for a TLS listener."""
+    config_path = tmp_path / "wattproxy.yaml"
+    config_path.write_text(yaml.safe_dump(doc))
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*WATTPROXY, "serve", "--config", str(config_path)],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
+    served = ServedProcess(
+        proc,
+        int(doc["listen"]["port"]),
+        config_path,
+        log_path,
+        "https" if ssl_context is not None else "http",
+    )
+    try:
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as s:
+            while True:
+                assert proc.poll() is None, f"serve exited:\n{served.output()}"
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with s.get(served.base + "/healthz", ssl=ssl_context or False) as r:
+                        if r.status == 200:
+                            break
+                assert time.monotonic() < deadline, f"serve did not come up:\n{served.output()}"
+                await asyncio.sleep(0.05)
+        yield served
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(AssertionError):
+                served.stop()

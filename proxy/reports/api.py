@@ -19,7 +19,8 @@ from proxy.forward import json_error
 from proxy.identity import Identity, IdentityResolver, bearer
 from proxy.ledger.base import Ledger
 from proxy.records import RequestRecord
-from proxy.reports import build_report, build_summary, default_period, parse_day, report_csv
+from proxy.reports.build import build_report, build_summary, default_period, parse_day
+from proxy.reports.tables import report_csv
 
 #: Final records kept in memory so a record can be read before the ledger has it.
 RECENT_RECORDS = 10_000

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.standins import Recorder, words
+from proxy.standins.recording import Recorder, words
 
 CREATED_AT = "2024-07-22T20:47:51.147561Z"
 LOAD_NS = 6_683_708

@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from tests.standins import Recorder, Seen, compact, words
+from proxy.standins.recording import Recorder, Seen, compact, words
 
 SPEECH_RATE_HZ = 24_000
 SPEECH_S_PER_WORD = 0.25

@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.standins import Recorder
+from proxy.standins.recording import Recorder
 
 # -- llama-cpp-python ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from estimators.units import J_PER_WH
 from proxy.ledger.base import AggregateRow
-from proxy.reports import EQUIVALENTS_SOURCE, Totals, group
+from proxy.reports.build import EQUIVALENTS_SOURCE, Totals, group
 
 #: Task colours, in the order tasks are first sorted (colour-blind friendly, Okabe-Ito + extras).
 PALETTE = (
@@ -230,7 +230,7 @@ def _cells(key: str, t: Totals) -> str:
 
 
 def render_html(report: dict[str, Any], rows: list[AggregateRow]) -> str:
-    """The page for ``report`` (``proxy.reports.build_report``) and the rows it was built from."""
+    """The page for ``report`` (``build.build_report``) and the rows it was built from."""
     totals_doc = report["totals"]
     total = Totals()
     for r in rows:

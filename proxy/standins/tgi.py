@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.standins import Recorder, compact, words
+from proxy.standins.recording import Recorder, compact, words
 
 TIMING_HEADERS = {
     "x-compute-type": "gpu+optimized",

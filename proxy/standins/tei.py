@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.standins import Recorder, compact, words
+from proxy.standins.recording import Recorder, compact, words
 
 
 def special_count(text: str, pair: str | None = None) -> int:
