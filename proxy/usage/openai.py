@@ -72,6 +72,14 @@ MAX_COLLECTED_TEXT = 1024 * 1024
 #: A chunk's text: group 1 names the field, group 2 is set when the text is empty.
 _PIECE = re.compile(rb'"(content|text)"\s*:\s*"(")?')
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+#: The chunk-level path (``OpenAISSE._count_whole_events``), on lines of whole events: a line's
+#: first text piece and the rest of its line (so one match per line at most), group 1 set when
+#: the piece is empty; the same for a ``"usage":null``.
+_PIECE_LINE = re.compile(rb'"(?:content|text)"\s*:\s*"("?)[^\n]*')
+_USAGE_NULL_LINE = re.compile(rb'"usage"\s*:\s*null[^\n]*')
+#: A text that keeps a content event what it was, between the same bytes as the last one's: not
+#: empty, no quote, no line end, and not a name the per-event path looks for.
+_PLAIN_TEXT = re.compile(rb'(?!(?:usage|timings)\Z)[^"\r\n]+')
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 _INPUT_TOKENS = re.compile(rb'"(?:input_tokens|prompt_tokens)"\s*:\s*(\d+)')
 _OUTPUT_TOKENS = re.compile(rb'"(?:output_tokens|completion_tokens)"\s*:\s*(\d+)')
@@ -253,14 +261,25 @@ class OpenAISSE(StreamUsage):
         collect_text: keep streamed text (bounded) for counting with a tokenizer.
         strip_nulls: with ``strip_usage``, also remove the ``"usage":null`` that OpenAI adds to
             every chunk once usage is asked for; off for servers that always send it (TGI).
+        chunk_path: count a chunk of whole plain content events with a few scans of the chunk
+            (``_count_whole_events``); off, every event takes the per-event path (the
+            reference the chunk path is tested against).
     """
 
     def __init__(
-        self, strip_usage: bool = False, collect_text: bool = False, strip_nulls: bool = True
+        self,
+        strip_usage: bool = False,
+        collect_text: bool = False,
+        strip_nulls: bool = True,
+        chunk_path: bool = True,
     ) -> None:
         self.strip_usage = strip_usage
         self.strip_nulls = strip_nulls
         self.collect_text = collect_text
+        # collected text needs each event's JSON: no chunk path then
+        self._chunk_path = chunk_path and not collect_text
+        #: the bytes before and after the text of the last one-event chunk counted whole
+        self._like = (b"", b"")
         self.tokens = 0
         self.done = False
         self.events = 0
@@ -271,6 +290,8 @@ class OpenAISSE(StreamUsage):
         self._text_len = 0
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._chunk_path and self._count_whole_events(chunk):
+            return chunk
         if not self.strip_usage:
             for event in self._framer.push(chunk):
                 self._inspect(event)
@@ -282,6 +303,69 @@ class OpenAISSE(StreamUsage):
                     event = _USAGE_NULL.sub(b"", event)
                 out.append(event)
         return b"".join(out)
+
+    def _count_whole_events(self, chunk: bytes) -> bool:
+        r"""The chunk-level path: count a chunk of plain content events, one token each, with a
+        few scans of the whole chunk and no framing or decoding; False, with nothing counted,
+        for a chunk it is not sure of, which then takes the per-event path.
+
+        Sure means: nothing is held back from an earlier chunk; the chunk is whole events, each
+        one ``data:`` line (no ``\r``; as many newlines as twice the pairs followed by
+        ``data:``, plus the final pair: so every newline is in one of those pairs); no
+        ``"timings"``; no ``"usage"``, unless each event has exactly one, a ``"usage":null``
+        that stays in place; and every event's first text piece is a non-empty string. The
+        per-event path then passes the chunk through unchanged and counts one token per event
+        (``generated_token``: only an empty piece depends on its neighbours), neither
+        ``[DONE]`` nor role-only nor finish-only events being among them. A ``_PIECE_LINE``
+        match cannot run past its line: each pair of newlines is followed by ``data:`` or the
+        end, and a newline in ``\s*`` would have to be followed by ``:`` or ``"``.
+
+        Servers send one event per chunk mostly, with the same bytes around each text (vLLM,
+        llama.cpp, TGI): a chunk of one event that passed keeps them (``_like``), and the next
+        chunk that is those bytes around a plain text (``_PLAIN_TEXT``) is the same kind of
+        event. The text adds no quote, line end or key: a ``"usage"`` or ``"timings"`` it could
+        make with the quotes around it is ruled out by name."""
+        if self._framer._buf:
+            return False
+        head, tail = self._like
+        if (
+            head
+            and chunk.startswith(head)
+            and chunk.endswith(tail)
+            and _PLAIN_TEXT.fullmatch(chunk, len(head), len(chunk) - len(tail)) is not None
+        ):
+            self.events += 1
+            self.tokens += 1
+            return True
+        if not chunk.startswith(b"data:") or not chunk.endswith(b"\n\n") or b"\r" in chunk:
+            return False
+        newlines = chunk.count(b"\n")
+        n = newlines // 2
+        if newlines != 2 * n or (n > 1 and chunk.count(b"\n\ndata:") != n - 1):
+            return False
+        if b'"timings"' in chunk:
+            return False
+        if b'"usage"' in chunk and (
+            (self.strip_usage and self.strip_nulls)  # those nulls are cut out
+            or chunk.count(b'"usage"') != n
+            or len(_USAGE_NULL_LINE.findall(chunk)) != n
+        ):
+            return False
+        if n == 1:
+            m = _PIECE_LINE.search(chunk)
+            if m is None or m.group(1):
+                return False
+            text_at = m.start(1)
+            text_end = chunk.find(b'"', text_at)
+            if text_end > 0 and _PLAIN_TEXT.fullmatch(chunk, text_at, text_end) is not None:
+                self._like = (chunk[:text_at], chunk[text_end:])
+        else:
+            pieces = _PIECE_LINE.findall(chunk)
+            if len(pieces) != n or b'"' in pieces:
+                return False
+        self.events += n
+        self.tokens += n
+        return True
 
     def flush(self) -> bytes:
         rest = self._framer.pending()
