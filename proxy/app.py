@@ -27,6 +27,7 @@ from estimators.errors import EstimatorError
 from estimators.estimator import Estimator
 from estimators.meters.base import Meter
 from estimators.meters.factory import build_meter
+from estimators.meters.simulated import LoadTracker, SimulatedMeter
 from estimators.sampler import Sampler
 from proxy.accounting import Accountant
 from proxy.background import Background
@@ -219,6 +220,7 @@ def build_parts(
     current: list[Parts] = []  # set below; read on each record, as a reload swaps parts
 
     def sink(record: RequestRecord) -> None:
+        metrics.observe_final(record)
         recent.add(record)
         writer.submit(record)
         live = current[0]
@@ -227,22 +229,17 @@ def build_parts(
         if live.budgets is not None:  # releases its hold; next to nothing when disabled
             live.budgets.observe(record)
 
-    holder: dict[str, Accountant] = {}
-    meter = (
-        meter
-        if meter is not None
-        else build_meter(cfg.meter, load=lambda: holder["a"].load() if "a" in holder else {})
-    )
+    meter = meter if meter is not None else build_meter(cfg.meter, load=LoadTracker())
     accountant = Accountant(
         engine,
         estimator,
-        metrics,
         sink,
+        observer=metrics,
+        load=meter.tracker if isinstance(meter, SimulatedMeter) else None,
         meter_devices=meter.devices(),
         meter_kind=meter.kind,
         g_per_j=carbon.g_per_j,
     )
-    holder["a"] = accountant
     sampler = Sampler(meter, cfg.meter.interval_ms / 1000.0, accountant.on_reading)
     keys = KeyStore.load(cfg.identity.keys_file) if cfg.identity.keys_file else None
     identity = IdentityResolver(keys, cfg.identity.allow_header_identity)

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from estimators.errors import MeterError
-from estimators.meters.base import Meter, Reading
+from estimators.meters.base import Reading
 from estimators.meters.simulated import SimulatedMeter
 from proxy.config import load_config
 from proxy.ledger.sqlite import SQLiteLedger
@@ -39,28 +39,20 @@ from tests.test_slow_peers import running
 # -- the meter -------------------------------------------------------------------------------
 
 
-class FailingMeter(Meter):
+class FailingMeter(SimulatedMeter):
     """The simulated meter behind a switch: with ``failing`` set, every read raises
     ``MeterError`` as a driver that lost the GPU would."""
 
-    kind = "simulated"
-
     def __init__(self) -> None:
-        self.accountant: Any = None  # set once the proxy is built: the load comes from it
-        self.inner = SimulatedMeter(
-            lambda: self.accountant.load() if self.accountant is not None else {}, noise=0.0
-        )
+        super().__init__(noise=0.0)  # its load: its own tracker, told by the proxy
         self.failing = False
         self.failed_reads = 0
-
-    def devices(self) -> list[str]:
-        return self.inner.devices()
 
     def read(self) -> Reading:
         if self.failing:
             self.failed_reads += 1
             raise MeterError("NVML_ERROR_GPU_IS_LOST")
-        return self.inner.read()
+        return super().read()
 
 
 async def chat(base: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
@@ -84,7 +76,6 @@ async def test_meter_down_requests_go_on_estimated_and_measured_again_after(
 ) -> None:
     meter = FailingMeter()
     proxy, parts = await make_proxy(proxy_config(url_of(upstream), tmp_path), meter=meter)
-    meter.accountant = parts.accountant
     parts.accountant.down_after_s = 0.2  # give up on a dead device quickly (default 5 s)
     base = url_of(proxy)
     status, rid = await chat(base)
@@ -120,7 +111,6 @@ async def test_meter_failing_mid_request_makes_it_estimated_not_lost(
     up = await aiohttp_server(slow.app())
     meter = FailingMeter()
     proxy, parts = await make_proxy(proxy_config(url_of(up), tmp_path), meter=meter)
-    meter.accountant = parts.accountant
     parts.accountant.down_after_s = 0.2
     base = url_of(proxy)
     async with (
