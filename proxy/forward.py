@@ -42,7 +42,7 @@ from proxy.metrics import Metrics
 from proxy.records import RequestRecord, utc_now_iso
 from proxy.routing import Router
 from proxy.tasks import OTHER, task_for
-from proxy.tokens import TokenCounter, estimate_tokens
+from proxy.tokens import TokenCounter
 from proxy.usage import for_api, json_endpoint, upload_probe
 from proxy.usage.base import (
     BodyUsage,
@@ -51,8 +51,8 @@ from proxy.usage.base import (
     UploadProbe,
     Usage,
     parse_json,
-    weaker_source,
 )
+from proxy.usage.resolve import prompt_estimate, resolve_usage
 
 log = logging.getLogger("wattproxy.forward")
 
@@ -275,7 +275,7 @@ class Forwarder:
                     upstream.name,
                     plan.model,
                     task,
-                    prompt_tokens=self._prompt_estimate(plan, data),
+                    prompt_tokens=prompt_estimate(plan, data),
                     completion_tokens=plan.max_tokens,
                     images=plan.images,
                 )
@@ -355,11 +355,6 @@ class Forwarder:
             headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         return headers
 
-    def _prompt_estimate(self, plan: RequestPlan, data: Any) -> int:
-        if plan.prompt_text:
-            return estimate_tokens(plan.prompt_text)
-        return len(data) // 4 if isinstance(data, bytes) else 0
-
     async def _forward(
         self,
         request: web.Request,
@@ -388,7 +383,7 @@ class Forwarder:
         req = self.accountant.begin(
             record,
             upstream.devices,
-            self._prompt_estimate(plan, data),
+            prompt_estimate(plan, data),
             plan.stream,
             max_tokens=plan.max_tokens,
             images=plan.images,
@@ -428,7 +423,15 @@ class Forwarder:
             if resp is not None:
                 resp.close()
             try:
-                usage = self._usage(request.path, upstream, plan, relay, data)
+                usage = resolve_usage(
+                    upstream.api,
+                    request.path,
+                    plan,
+                    self.counters.get(upstream.name),
+                    relay.parser if relay is not None else None,
+                    relay.collector if relay is not None else None,
+                    relay.header_usage if relay is not None else None,
+                )
             except Exception as err:
                 parser_failed(f"{upstream.api} usage of {request.path}", err)
                 usage = Usage()
@@ -602,55 +605,3 @@ class Forwarder:
         )
         if request.transport is not None:
             request.transport.abort()
-
-    def _usage(
-        self,
-        path: str,
-        upstream: UpstreamConfig,
-        plan: RequestPlan,
-        relay: Relay | None,
-        data: Any,
-    ) -> Usage:
-        usage = Usage()
-        counter = self.counters.get(upstream.name)
-        if relay is not None and relay.parser is not None:
-            usage = relay.parser.finish()
-            if usage.tokens_source != "server" and counter is not None and relay.parser.text:
-                counted = counter.count(relay.parser.text)
-                # each generated chunk held a token at least; bytes a server dropped are not
-                # in the text (llama-cpp-python's undecodable tokens)
-                if counted >= (usage.completion_tokens or 0):
-                    usage.completion_tokens = counted
-                    usage.tokens_source = "tokenizer"
-        elif relay is not None and relay.collector is not None:
-            usage = for_api(upstream.api).body(path, relay.collector.json())
-        if relay is not None and relay.header_usage is not None:
-            usage.fill_from(relay.header_usage)
-        if usage.completion_tokens is None and usage.generated_text is not None:
-            if counter is not None:
-                usage.completion_tokens = counter.count(usage.generated_text)
-                usage.tokens_source = weaker_source(usage.tokens_source, "tokenizer")
-            else:
-                usage.completion_tokens = estimate_tokens(usage.generated_text)
-                usage.tokens_source = weaker_source(usage.tokens_source, "estimate")
-        if usage.prompt_tokens == 0 and plan.prompt_text.strip():
-            usage.prompt_tokens = None  # a zero count for a prompt is a placeholder: recount
-        if usage.prompt_tokens is None and (plan.prompt_text or plan.messages or plan.prompt_parts):
-            if counter is not None and plan.prompt_parts:
-                usage.prompt_tokens = sum(counter.count_prompt(None, p) for p in plan.prompt_parts)
-                usage.tokens_source = weaker_source(usage.tokens_source, "tokenizer")
-            elif counter is not None:
-                usage.prompt_tokens = counter.count_prompt(plan.messages, plan.prompt_text)
-                usage.tokens_source = weaker_source(usage.tokens_source, "tokenizer")
-            else:
-                usage.prompt_tokens = estimate_tokens(plan.prompt_text)
-                usage.tokens_source = weaker_source(usage.tokens_source, "estimate")
-        if plan.upload is not None:
-            uploaded = plan.upload.finish()
-            usage.audio_s = uploaded.audio_s if uploaded.audio_s is not None else usage.audio_s
-            usage.model = uploaded.model
-        for key, value in plan.extra.items():  # what the request said (image size, steps)
-            usage.extra.setdefault(key, value)
-        if usage.images is None:
-            usage.images = plan.images
-        return usage
