@@ -27,6 +27,7 @@ from estimators.meters.base import Reading
 from estimators.meters.simulated import SimulatedMeter
 from proxy.config import load_config
 from proxy.ledger.sqlite import SQLiteLedger
+from proxy.reload import apply_config
 from proxy.standin import StandIn
 from tests.conftest import ProxyFactory, proxy_config, url_of
 from tests.helpers.proxy_load import settle
@@ -480,3 +481,71 @@ async def test_reload_applies_keys_budgets_limits_and_names_what_needs_a_restart
         assert await svc.reload() is False
         assert await status("key-two") == 429  # the running config stayed
         assert "missing.yaml: no such file" in caplog.text
+
+
+# -- sessions retired by a reload --------------------------------------------------------------
+
+
+class HeldStream:
+    """An upstream that streams one event, then holds the rest until ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        await resp.write(event)
+        await self.go.wait()
+        await resp.write(event + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+async def test_a_session_retired_by_a_reload_closes_once_its_stream_ends(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    held = HeldStream()
+    up = await aiohttp_server(held.app())
+    proxy, parts = await make_proxy(proxy_config(url_of(up), tmp_path))
+    old = parts.runtime.sessions["llm"]
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(url_of(proxy) + "/v1/chat/completions", json={**CHAT, "stream": True})
+        await r.content.readuntil(b"\n\n")  # the stream is under way, through ``old``
+        # a changed upstream gets a new session; the old one is retired
+        upstreams = [{"name": "llm", "url": url_of(up), "max_connections": 7}]
+        changed = proxy_config(url_of(up), tmp_path, upstreams=upstreams)
+        assert await apply_config(parts, changed) == []  # nothing left for a restart
+        new = parts.runtime.sessions["llm"]
+        assert new is not old and old.retired and old.in_flight == 1
+        await asyncio.sleep(0)  # a close, had one been scheduled, would have run
+        assert not old.session.closed  # the stream still goes through it
+        await apply_config(parts, changed)  # the same again: the new session stays
+        assert parts.runtime.sessions["llm"] is new
+        held.go.set()
+        rest = await r.read()
+        r.release()
+    assert rest.endswith(b"data: [DONE]\n\n")  # not dropped by the reload
+    await wait_for(lambda: old.session.closed)  # closed once its last stream ended
+    assert not new.session.closed and parts.sessions.retired == 0
+
+
+async def test_a_session_retired_with_no_request_on_it_closes_at_once(
+    upstream: TestServer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy, parts = await make_proxy(proxy_config(url_of(upstream), tmp_path))
+    status, _ = await chat(url_of(proxy))
+    assert status == 200
+    old = parts.runtime.sessions["llm"]
+    upstreams = [{"name": "other", "url": url_of(upstream)}]  # "llm" is gone
+    await apply_config(parts, proxy_config(url_of(upstream), tmp_path, upstreams=upstreams))
+    assert "llm" not in parts.runtime.sessions
+    await wait_for(lambda: old.session.closed)
+    assert parts.sessions.retired == 0
