@@ -33,7 +33,7 @@ from proxy.budgets import Budgets
 from proxy.config import Config
 from proxy.emissions import Emissions, RecentRecords
 from proxy.forward import Forwarder
-from proxy.health import Readiness, healthz
+from proxy.health import healthz, readyz_handler
 from proxy.identity import IdentityResolver, KeyStore
 from proxy.ledger.base import Ledger, open_ledger, redacted_url
 from proxy.ledger.spool import Spool
@@ -275,7 +275,6 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
     )
     forwarder = Forwarder(live, parts.sessions, parts.accountant, parts.metrics)
     app[FORWARDER] = forwarder
-    readiness = Readiness(live, parts.ledger, parts.writer, parts.meter, parts.sampler)
 
     async def metrics(request: web.Request) -> web.Response:
         return await metrics_handler(request, parts.metrics)
@@ -283,7 +282,9 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
     if cfg.listen.metrics_port is None:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readiness.readyz)
+    app.router.add_get(
+        "/readyz", readyz_handler(live, parts.ledger, parts.writer, parts.meter, parts.sampler)
+    )
     app.router.add_get("/v1/emissions/requests/{request_id}", emissions.record)
     app.router.add_get("/v1/emissions/users/{user}", emissions.user_report)
     app.router.add_get("/v1/emissions/summary", emissions.summary)

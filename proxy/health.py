@@ -4,6 +4,7 @@ connections as ``health.ready_when`` asks, and the ledger answers). Each probe i
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -34,20 +35,13 @@ async def probe(url: str, timeout_s: float = READY_PROBE_TIMEOUT_S) -> bool:
         return False
 
 
-class Readiness:
+def readyz_handler(
+    live: Live, ledger: Ledger, writer: LedgerWriter, meter: Meter, sampler: Sampler
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     """``/readyz``: the upstreams of the runtime in force, the ledger and the meter."""
 
-    def __init__(
-        self, live: Live, ledger: Ledger, writer: LedgerWriter, meter: Meter, sampler: Sampler
-    ) -> None:
-        self.live = live
-        self.ledger = ledger
-        self.writer = writer
-        self.meter = meter
-        self.sampler = sampler
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        cfg = self.live.runtime.cfg
+    async def readyz(request: web.Request) -> web.Response:
+        cfg = live.runtime.cfg
         upstreams = dict(
             zip(
                 [u.name for u in cfg.upstreams],
@@ -56,11 +50,11 @@ class Readiness:
             )
         )
         try:
-            ledger_ok = await self.ledger.ping()
+            ledger_ok = await ledger.ping()
         except Exception:
             ledger_ok = False
-        devices = self.meter.devices()
-        meter_ok = not devices or self.sampler.reads > 0
+        devices = meter.devices()
+        meter_ok = not devices or sampler.reads > 0
         ready_when = cfg.health.ready_when
         answering = any if ready_when == "any" else all
         ready = answering(upstreams.values()) and ledger_ok
@@ -68,11 +62,9 @@ class Readiness:
             "ready": ready,
             "ready_when": ready_when,
             "upstreams": upstreams,
-            "ledger": {
-                "backend": self.ledger.backend,
-                "ok": ledger_ok,
-                "backlog": self.writer.backlog,
-            },
-            "meter": {"kind": self.meter.kind, "devices": devices, "ok": meter_ok},
+            "ledger": {"backend": ledger.backend, "ok": ledger_ok, "backlog": writer.backlog},
+            "meter": {"kind": meter.kind, "devices": devices, "ok": meter_ok},
         }
         return web.json_response(body, status=200 if ready else 503)
+
+    return readyz

@@ -486,34 +486,26 @@ async def test_reload_applies_keys_budgets_limits_and_names_what_needs_a_restart
 # -- sessions retired by a reload --------------------------------------------------------------
 
 
-class HeldStream:
-    """An upstream that streams one event, then holds the rest until ``go`` is set."""
+async def test_a_session_retired_by_a_reload_closes_once_its_stream_ends(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    go = asyncio.Event()
 
-    def __init__(self) -> None:
-        self.go = asyncio.Event()
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        return app
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def held_stream(request: web.Request) -> web.StreamResponse:
+        """One event, then the rest once ``go`` is set."""
         await request.read()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
         await resp.write(event)
-        await self.go.wait()
+        await go.wait()
         await resp.write(event + b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
-
-async def test_a_session_retired_by_a_reload_closes_once_its_stream_ends(
-    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
-) -> None:
-    held = HeldStream()
-    up = await aiohttp_server(held.app())
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", held_stream)
+    up = await aiohttp_server(app)
     proxy, parts = await make_proxy(proxy_config(url_of(up), tmp_path))
     old = parts.runtime.sessions["llm"]
     async with aiohttp.ClientSession() as s:
@@ -529,7 +521,7 @@ async def test_a_session_retired_by_a_reload_closes_once_its_stream_ends(
         assert not old.session.closed  # the stream still goes through it
         await apply_config(parts, changed)  # the same again: the new session stays
         assert parts.runtime.sessions["llm"] is new
-        held.go.set()
+        go.set()
         rest = await r.read()
         r.release()
     assert rest.endswith(b"data: [DONE]\n\n")  # not dropped by the reload
