@@ -1,6 +1,7 @@
 """Request records from open to final: the proxy tells it when a request starts, sends its first
 byte, streams tokens and ends; the sampler hands it meter readings. It feeds the attribution
-engine, exports the device and request metrics, and passes each final record to the ledger.
+engine, tells an ``Observer`` (the metrics) what it sees, and passes each final record to the
+sink (the ledger writer, the final metrics). What a record is charged is ``proxy.finalize``'s.
 
 A request is ``measured`` when every interval of its life on its devices was read; it is
 ``estimated`` (never zero, unless the upstream did no work for it) when its upstream has no
@@ -10,27 +11,21 @@ A request whose client left before its generation was complete may still be comp
 server (llama.cpp finishes the slot's generation): it stays in flight, and its record open,
 while its expected remaining work is done (``estimators.attribution.abort_linger``), so that
 energy is not charged to the requests queued behind it.
-
-An answer for which the upstream did no inference (a 4xx, a 502, the proxy's own 504 before any
-response: ``no_work``) is charged nothing from its answer on: its share of the interval of its
-answer and of later ones goes to the requests that did work (unattributed when there are none).
-What the meter had split while the upstream held it, before the answer, stays charged (the
-engine splits each interval once); its basis says so.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-from estimators.attribution import AttributionEngine, Flight, Linger, abort_linger
+from estimators.attribution import AttributionEngine, Flight, IntervalSplit, Linger, abort_linger
 from estimators.estimator import LLM_TASKS, Estimator, RequestShape
 from estimators.meters import Reading
-from proxy.metrics import Metrics
+from proxy.finalize import ABORTED, MEASURED, finalize, no_work
 from proxy.records import RequestRecord, utc_now_iso
 from proxy.tasks import OTHER
 from proxy.usage.base import Usage
@@ -41,14 +36,55 @@ log = logging.getLogger("wattproxy.accounting")
 DOWN_AFTER_S = 5.0
 #: Longest model name kept from a form field (the JSON body's is taken as the client sent it).
 MAX_MODEL_CHARS = 256
-#: Outcomes where the upstream never got the request: nothing to estimate.
-NOT_SERVED = frozenset(("upstream_unavailable", "payload_too_large", "client_timeout"))
-#: Outcomes where the client left (or the proxy stopped it) while the upstream had the request:
-#: its server may go on computing it.
-ABORTED = frozenset(("client_disconnect", "cancelled"))
 #: Outcomes where the upstream is gone: once it answered, it stopped working at its last byte the
 #: proxy saw, however long the proxy took to notice (an idle timeout, a slow client).
 UPSTREAM_GONE = frozenset(("upstream_reset", "upstream_timeout", "upstream_unavailable"))
+
+
+class Observer(Protocol):
+    """Hears of requests and readings as the accountant sees them (``proxy.metrics.Metrics``)."""
+
+    def observe_start(self, record: RequestRecord) -> None: ...
+
+    def observe_end(self, record: RequestRecord) -> None: ...
+
+    def observe_reading(
+        self, device: str, kind: str, delta_j: float, split: IntervalSplit, power_w: float | None
+    ) -> None: ...
+
+    def observe_meter_error(self, device: str, kind: str) -> None: ...
+
+    def observe_calibration(self, relative_error: float) -> None: ...
+
+
+class LoadObserver(Protocol):
+    """Told when a metered request starts and ends on its devices (the simulated meter's
+    ``LoadTracker``)."""
+
+    def started(self, devices: Iterable[str], task: str, t_s: float) -> None: ...
+
+    def ended(self, devices: Iterable[str], task: str, t_s: float) -> None: ...
+
+
+class NoObserver:
+    """An observer that ignores everything (tests of accounting alone)."""
+
+    def observe_start(self, record: RequestRecord) -> None:
+        pass
+
+    def observe_end(self, record: RequestRecord) -> None:
+        pass
+
+    def observe_reading(
+        self, device: str, kind: str, delta_j: float, split: IntervalSplit, power_w: float | None
+    ) -> None:
+        pass
+
+    def observe_meter_error(self, device: str, kind: str) -> None:
+        pass
+
+    def observe_calibration(self, relative_error: float) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -60,20 +96,6 @@ class OpenRequest:
     t_first_byte_s: float | None = None
     t_last_token_s: float | None = None
     ended: bool = False
-    no_work: bool = False
-
-
-def no_work(status: int, outcome: str, answered: bool) -> bool:
-    """Whether the upstream did no inference for a request that ended with ``status``: a 4xx
-    (invalid, too long, unknown model, rate limited), a 502 (the upstream's, or the proxy's when
-    it got no answer), or the proxy's own 504 before any response. Other 5xx may come after
-    work (a 500 after generating) and are charged as measured. Until a response arrives the
-    proxy's status is a 502 placeholder: a client gone before it is an abort, not an answer."""
-    if 400 <= status < 500:
-        return True
-    if status == 502:
-        return answered or outcome not in ABORTED
-    return status == 504 and outcome == "upstream_timeout" and not answered
 
 
 class Accountant:
@@ -81,9 +103,10 @@ class Accountant:
 
     Args:
         engine: the attribution engine (one for all devices).
-        estimator: estimates and work profiles.
-        metrics: metric families.
-        sink: receives each final record (the ledger writer's ``submit``).
+        estimator: estimates and work profiles (and calibration, from measured requests).
+        sink: receives each final record.
+        observer: told of starts, ends, readings and calibration errors (the metrics).
+        load: told when metered requests start and end (the simulated meter's tracker).
         meter_devices: devices the meter reads.
         meter_kind: the meter's kind, for ``wattproxy_meter_up``.
         g_per_j: grams CO2e per joule now (grid intensity and PUE), never blocking.
@@ -94,8 +117,10 @@ class Accountant:
         self,
         engine: AttributionEngine,
         estimator: Estimator,
-        metrics: Metrics,
         sink: Callable[[RequestRecord], None],
+        *,
+        observer: Observer | None = None,
+        load: LoadObserver | None = None,
         meter_devices: Iterable[str] = (),
         meter_kind: str = "none",
         g_per_j: Callable[[], float] = lambda: 0.0,
@@ -104,19 +129,16 @@ class Accountant:
     ) -> None:
         self.engine = engine
         self.estimator = estimator
-        self.metrics = metrics
         self.sink = sink
+        self.observer: Observer = observer if observer is not None else NoObserver()
+        self.load = load
         self.meter_devices = list(meter_devices)
+        self._metered = set(self.meter_devices)
         self.meter_kind = meter_kind
         self.g_per_j = g_per_j
         self.clock = clock
         self.down_after_s = down_after_s
         self.requests: dict[str, OpenRequest] = {}
-        self._load: dict[str, Counter[str]] = {d: Counter() for d in self.meter_devices}
-        # cumulative request-seconds per device and task: the simulated meter's input
-        self._busy_s: dict[str, dict[str, float]] = {d: {} for d in self.meter_devices}
-        self._busy_t_s: dict[str, float] = {}
-        self._busy_lock = threading.Lock()
         self._last_energy_j: dict[str, float] = {}
         self._down_since: dict[str, float] = {}
         self._inflight: Counter[str] = Counter()
@@ -135,7 +157,7 @@ class Accountant:
         now = self.clock()
         wanted = self.meter_devices if devices is None else list(devices)
         metered = (
-            tuple(d for d in wanted if d in self._load and d not in self._down_since)
+            tuple(d for d in wanted if d in self._metered and d not in self._down_since)
             if record.task != OTHER
             else ()
         )
@@ -154,9 +176,10 @@ class Accountant:
             self.engine.start(
                 record.request_id, metered, now, self.estimator.profile(shape, token_stream=stream)
             )
-            self._change_load(metered, record.task, +1, now)
+            if self.load is not None:
+                self.load.started(metered, record.task, now)
         self._inflight[record.upstream] += 1
-        self.metrics.inflight_for(record.upstream).inc()
+        self.observer.observe_start(record)
         return req
 
     def first_byte(self, req: OpenRequest) -> None:
@@ -204,33 +227,22 @@ class Accountant:
             images=usage.images if usage.images is not None else shape.images,
             concurrency=shape.concurrency,
         )
-        m = self.metrics
-        model = m.model_label(rec.model)
-        m.inflight_for(rec.upstream).dec()
         self._inflight[rec.upstream] -= 1
         if self._inflight[rec.upstream] <= 0:
             del self._inflight[rec.upstream]
-        series = m.series(rec.upstream, model, rec.task)
-        series.requests(str(status)).inc()
-        m.outcome_for(rec.upstream, outcome).inc()
-        series.duration.observe(rec.duration_s)
-        if rec.ttfb_s is not None:
-            series.ttfb.observe(rec.ttfb_s)
-        if usage.prompt_tokens:
-            series.prompt_tokens.inc(usage.prompt_tokens)
-        if usage.completion_tokens:
-            series.completion_tokens.inc(usage.completion_tokens)
-        req.no_work = no_work(status, outcome, req.t_first_byte_s is not None)
+        self.observer.observe_end(rec)
         if not req.devices:
             self._finalize(req, None)
             return
+        charge = not no_work(status, outcome, req.t_first_byte_s is not None)
         linger = None
-        if outcome in ABORTED and not req.no_work:
+        if outcome in ABORTED and charge:
             linger = self._linger(req, shape, usage)
         if usage.prompt_tokens is not None:
             self.engine.set_prompt_tokens(rec.request_id, usage.prompt_tokens)
-        self._change_load(req.devices, rec.task, -1, now)
-        flight = self.engine.end(rec.request_id, t_end, linger, charge=not req.no_work)
+        if self.load is not None:
+            self.load.ended(req.devices, rec.task, now)
+        flight = self.engine.end(rec.request_id, t_end, linger, charge=charge)
         if flight is not None and flight.final:
             self._finalize(req, flight)
 
@@ -268,63 +280,27 @@ class Accountant:
         rec.final = False
         return rec
 
-    def _advance(self, device: str, now: float) -> None:
-        last = self._busy_t_s.get(device, now)
-        self._busy_t_s[device] = now
-        if now > last:
-            busy = self._busy_s.setdefault(device, {})
-            for task, n in self._load[device].items():
-                if n > 0:
-                    busy[task] = busy.get(task, 0.0) + n * (now - last)
-
-    def _change_load(self, devices: Iterable[str], task: str, delta: int, now: float) -> None:
-        with self._busy_lock:
-            for d in devices:
-                self._advance(d, now)
-                self._load[d][task] += delta
-
-    def load(self) -> dict[str, dict[str, float]]:
-        """Device -> task -> cumulative seconds of requests in flight (the simulated meter's
-        input). Called from the meter's thread, hence the lock."""
-        now = self.clock()
-        with self._busy_lock:
-            for d in self._load:
-                self._advance(d, now)
-            return {d: dict(b) for d, b in self._busy_s.items()}
-
     # -- the meter side ---------------------------------------------------------------------
 
     def on_reading(self, reading: Reading) -> None:
         t = reading.timestamp_s
         g_per_j = self.g_per_j()
-        m = self.metrics
+        observer = self.observer
         for device, total_j in reading.energy_j.items():
-            if device not in self._load:
-                with self._busy_lock:
-                    self._load[device] = Counter()
+            if device not in self._metered:
+                self._metered.add(device)
                 self.meter_devices.append(device)
             self._down_since.pop(device, None)
             last = self._last_energy_j.get(device)
             self._last_energy_j[device] = total_j
             delta_j = 0.0 if last is None or total_j < last else total_j - last
             outcome, finals = self.engine.sample(device, t, delta_j, g_per_j)
-            m.meter_up.labels(device, self.meter_kind).set(1)
-            if delta_j:
-                m.device_energy.labels(device).inc(delta_j)
-            split = outcome.split
-            attributed = sum(split.attributed_j.values())
-            if attributed:
-                m.attributed_energy.labels(device).inc(attributed)
-            if split.idle_j:
-                m.unattributed_energy.labels(device, "idle").inc(split.idle_j)
-            if split.no_requests_j:
-                m.unattributed_energy.labels(device, "no_requests").inc(split.no_requests_j)
-            power = reading.power_w.get(device)
-            if power is not None:
-                m.device_power.labels(device).set(power)
+            observer.observe_reading(
+                device, self.meter_kind, delta_j, outcome.split, reading.power_w.get(device)
+            )
             self._finalize_flights(finals)
         for device, reason in reading.errors.items():
-            m.meter_up.labels(device, self.meter_kind).set(0)
+            observer.observe_meter_error(device, self.meter_kind)
             since = self._down_since.setdefault(device, t)
             if since == t:
                 log.warning("meter %s cannot read %s: %s", self.meter_kind, device, reason)
@@ -349,49 +325,10 @@ class Accountant:
     def _finalize(self, req: OpenRequest, flight: Flight | None) -> None:
         rec = req.record
         self.requests.pop(rec.request_id, None)
-        if rec.task == OTHER or (flight is None and rec.outcome in NOT_SERVED):
-            rec.energy_j, rec.co2e_g, rec.source = 0.0, 0.0, "estimated"
-            rec.basis = "no inference" if rec.task == OTHER else "not served upstream"
-        elif req.no_work:
-            what = f"no work upstream (HTTP {rec.status})"
-            if flight is not None and flight.gaps == 0:
-                rec.energy_j, rec.co2e_g, rec.source = flight.energy_j, flight.co2e_g, "measured"
-                rec.basis = (
-                    f"{what}: not charged from its answer on, only its share measured before "
-                    "its answer, while the upstream held it"
-                )
-            else:
-                rec.energy_j, rec.co2e_g, rec.source = 0.0, 0.0, "estimated"
-                rec.basis = f"{what}: not charged"
-        elif flight is not None and flight.gaps == 0:
-            rec.energy_j, rec.co2e_g, rec.source = flight.energy_j, flight.co2e_g, "measured"
-            lingered_s = flight.lingered_s
-            if lingered_s > 0.0:
-                # its energy includes tokens nobody counted: not a sample for calibration
-                rec.basis = (
-                    "measured; the client left before its generation was complete, so it is "
-                    f"charged until its expected remaining work was done ({lingered_s:.1f} s "
-                    "after it ended)"
-                )
-                rec.extra["linger_s"] = round(lingered_s, 3)
-            else:
-                rec.basis = "measured"
-                self.estimator.observe(req.shape, flight.energy_j)
-                error = self.estimator.last_relative_error()
-                if error is not None:
-                    self.metrics.estimator_error.observe(error)
-        else:
-            estimate = self.estimator.estimate(req.shape)
-            rec.energy_j = estimate.energy_j
-            rec.co2e_g = estimate.energy_j * self.g_per_j()
-            rec.source = "estimated"
-            rec.basis = estimate.basis
-            rec.extra["estimate_method"] = estimate.method
-        rec.final = True
-        m = self.metrics
-        energy, co2e = m.energy_for(rec.upstream, rec.model, rec.task, rec.source, rec.user)
-        energy.inc(rec.energy_j)
-        co2e.inc(rec.co2e_g)
-        if rec.task != OTHER:
-            m.request_energy.labels(rec.task).observe(rec.energy_j)
+        finalize(rec, flight, lambda: self.estimator.estimate(req.shape), self.g_per_j())
+        if flight is not None and rec.basis == MEASURED:
+            self.estimator.observe(req.shape, flight.energy_j)
+            error = self.estimator.last_relative_error()
+            if error is not None:
+                self.observer.observe_calibration(error)
         self.sink(rec)

@@ -1,21 +1,24 @@
-"""Errors of the HTTP side, each with the status and OpenAI-style type a client sees.
+"""Errors of the HTTP side, each with the status and OpenAI-style type a client sees, and the
+outcome a request that ends with it is recorded with.
 
     WattproxyError
     ├── ConfigError              config file or env invalid (listed with key paths)
     ├── LedgerError              the ledger backend failed (records go to the spool)
     └── ProxyError               answered to the client as {"error": {...}}
-        ├── BadRequest           400  invalid_request_error
-        ├── Unauthorized         401  authentication_error
-        ├── Forbidden            403  permission_error
-        ├── NotFound             404  not_found_error
-        ├── RequestTimeout       408  request_timeout
-        ├── PayloadTooLarge      413  invalid_request_error
-        ├── BudgetExceeded       429  carbon_budget_exceeded
-        ├── NotSupported         501  invalid_request_error
-        ├── UpstreamUnavailable  502  upstream_error
-        └── UpstreamTimeout      504  upstream_timeout
+        │                        status  type                    outcome
+        ├── BadRequest           400     invalid_request_error   bad_request
+        ├── Unauthorized         401     authentication_error    unauthorized
+        ├── Forbidden            403     permission_error        forbidden
+        ├── NotFound             404     not_found_error         not_found
+        ├── RequestTimeout       408     request_timeout         client_timeout
+        ├── PayloadTooLarge      413     invalid_request_error   payload_too_large
+        ├── BudgetExceeded       429     carbon_budget_exceeded  budget_exceeded
+        ├── NotSupported         501     invalid_request_error   not_supported
+        ├── UpstreamUnavailable  502     upstream_error          upstream_unavailable
+        └── UpstreamTimeout      504     upstream_timeout        upstream_timeout
 
-aiohttp client errors are mapped to the upstream ones in ``proxy.forward`` only.
+Every ``ProxyError`` a handler raises is rendered once, by ``proxy.middleware``. aiohttp client
+errors are mapped to the upstream ones in ``proxy.forward`` only.
 """
 
 from __future__ import annotations
@@ -43,13 +46,20 @@ class LedgerError(WattproxyError):
 
 
 class ProxyError(WattproxyError):
+    """An error answered to the client. ``request_id`` and ``task`` are set by the handler
+    once it knows them, for the error's response headers."""
+
     status = 500
     type = "internal_error"
+    #: how a request that ends with this error is recorded (``RequestRecord.outcome``)
+    outcome = "proxy_error"
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra
+        self.request_id: str | None = None
+        self.task: str | None = None
 
     def body(self) -> dict[str, Any]:
         return {"error": {"type": self.type, "message": self.message, **self.extra}}
@@ -58,21 +68,25 @@ class ProxyError(WattproxyError):
 class BadRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
+    outcome = "bad_request"
 
 
 class Unauthorized(ProxyError):
     status = 401
     type = "authentication_error"
+    outcome = "unauthorized"
 
 
 class Forbidden(ProxyError):
     status = 403
     type = "permission_error"
+    outcome = "forbidden"
 
 
 class NotFound(ProxyError):
     status = 404
     type = "not_found_error"
+    outcome = "not_found"
 
 
 class RequestTimeout(ProxyError):
@@ -80,16 +94,19 @@ class RequestTimeout(ProxyError):
 
     status = 408
     type = "request_timeout"
+    outcome = "client_timeout"
 
 
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
+    outcome = "payload_too_large"
 
 
 class BudgetExceeded(ProxyError):
     status = 429
     type = "carbon_budget_exceeded"
+    outcome = "budget_exceeded"
 
 
 class NotSupported(ProxyError):
@@ -97,13 +114,16 @@ class NotSupported(ProxyError):
 
     status = 501
     type = "invalid_request_error"
+    outcome = "not_supported"
 
 
 class UpstreamUnavailable(ProxyError):
     status = 502
     type = "upstream_error"
+    outcome = "upstream_unavailable"
 
 
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "upstream_timeout"
+    outcome = "upstream_timeout"

@@ -110,9 +110,21 @@ class KeyStore:
 
 
 class IdentityResolver:
+    """Who sends a request: its API key's user when keys are configured, else the
+    ``X-Wattproxy-User`` header when allowed, else anonymous. Fixed once built (a reload builds
+    a new one)."""
+
     def __init__(self, keys: KeyStore | None, allow_header_identity: bool) -> None:
-        self.keys = keys
-        self.allow_header_identity = allow_header_identity
+        self._keys = keys
+        self._allow_header_identity = allow_header_identity
+
+    @property
+    def keys(self) -> KeyStore | None:
+        return self._keys
+
+    @property
+    def allow_header_identity(self) -> bool:
+        return self._allow_header_identity
 
     @property
     def keys_required(self) -> bool:
@@ -120,11 +132,12 @@ class IdentityResolver:
 
     def resolve(self, headers: CIMultiDictProxy[str]) -> Identity:
         """The caller, or ``Unauthorized`` when keys are configured and none valid was sent."""
-        if self.keys is not None:
+        keys = self.keys
+        if keys is not None:
             key = bearer(headers)
             if key is None:
                 raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-            found = self.keys.lookup(key)
+            found = keys.lookup(key)
             if found is None:
                 raise Unauthorized("invalid API key")
             return found

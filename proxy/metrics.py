@@ -7,10 +7,17 @@ without bound: past the cap a value is reported as ``_other``.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.tasks import OTHER as OTHER_TASK
+
+if TYPE_CHECKING:
+    from estimators.attribution import IntervalSplit
+    from proxy.records import RequestRecord
 
 OTHER = "_other"
 
@@ -277,6 +284,68 @@ class Metrics:
         if pair is None:
             pair = self._energy[labels] = (self.energy.labels(*labels), self.co2e.labels(*labels))
         return pair
+
+    # -- observers: the accountant hands records and readings here, the sink final records ----
+
+    def observe_start(self, record: RequestRecord) -> None:
+        """A request was opened: one more in flight on its upstream."""
+        self.inflight_for(record.upstream).inc()
+
+    def observe_end(self, record: RequestRecord) -> None:
+        """A request ended (status, outcome, timings and tokens set; energy not yet known)."""
+        self.inflight_for(record.upstream).dec()
+        series = self.series(record.upstream, self.model_label(record.model), record.task)
+        series.requests(str(record.status)).inc()
+        self.outcome_for(record.upstream, record.outcome).inc()
+        if record.duration_s is not None:
+            series.duration.observe(record.duration_s)
+        if record.ttfb_s is not None:
+            series.ttfb.observe(record.ttfb_s)
+        if record.prompt_tokens:
+            series.prompt_tokens.inc(record.prompt_tokens)
+        if record.completion_tokens:
+            series.completion_tokens.inc(record.completion_tokens)
+
+    def observe_final(self, record: RequestRecord) -> None:
+        """A record turned final: its energy and CO2e are counted."""
+        energy, co2e = self.energy_for(
+            record.upstream, record.model, record.task, record.source, record.user
+        )
+        energy.inc(record.energy_j)
+        co2e.inc(record.co2e_g)
+        if record.task != OTHER_TASK:
+            self.request_energy.labels(record.task).observe(record.energy_j)
+
+    def observe_reading(
+        self,
+        device: str,
+        kind: str,
+        delta_j: float,
+        split: IntervalSplit,
+        power_w: float | None,
+    ) -> None:
+        """One device's meter reading: the energy it measured since the last one
+        (``delta_j``) and how the attribution engine split it."""
+        self.meter_up.labels(device, kind).set(1)
+        if delta_j:
+            self.device_energy.labels(device).inc(delta_j)
+        attributed = sum(split.attributed_j.values())
+        if attributed:
+            self.attributed_energy.labels(device).inc(attributed)
+        if split.idle_j:
+            self.unattributed_energy.labels(device, "idle").inc(split.idle_j)
+        if split.no_requests_j:
+            self.unattributed_energy.labels(device, "no_requests").inc(split.no_requests_j)
+        if power_w is not None:
+            self.device_power.labels(device).set(power_w)
+
+    def observe_meter_error(self, device: str, kind: str) -> None:
+        """A device could not be read."""
+        self.meter_up.labels(device, kind).set(0)
+
+    def observe_calibration(self, relative_error: float) -> None:
+        """The calibrated estimator's error on a measured request, before it learned from it."""
+        self.estimator_error.observe(relative_error)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,24 +1,62 @@
-"""aiohttp's server protocol, answering what its HTTP parser refuses in the proxy's own shape.
+"""aiohttp's server protocol: the per-connection limits of a listener, and what its HTTP parser
+refuses answered in the proxy's own shape.
 
 aiohttp answers a malformed request head itself, before any handler or middleware runs: plain
 text, no ``X-Request-Id``, and a message that quotes the offending bytes back (a header may hold
 a key). ``ProxyRunner`` serves the app with a protocol whose error answer is the JSON error
-every other refusal gets, with a fresh request id and a reason that quotes nothing.
+every other refusal gets, with a fresh request id and a reason that quotes nothing; its log line
+says what was refused, without a traceback (``PeerErrorLog``).
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from proxy.config import Config
 from proxy.errors import BadRequest, ProxyError
-from proxy.forward import json_error
 from proxy.headers import new_request_id
+from proxy.middleware import json_error
 
 #: The longest reason taken from a parser message (llhttp's reasons are short phrases).
 MAX_REASON_CHARS = 80
+#: Bytes of one request header line (name and value) and headers per request; past them the
+#: request is refused with 400 before any handler runs (aiohttp's parser enforces both).
+MAX_HEADER_FIELD_BYTES = 8190
+MAX_HEADERS = 128
+
+
+class PeerErrorLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger, minus the traceback of a malformed request: a peer's bad bytes
+    are its own problem, logged on one line and without the bytes (a header may hold a key)."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            kwargs["exc_info"] = None
+            msg = f"{msg}: refused a malformed request (%s, HTTP %s)"
+            args = (*args, type(exc).__name__, exc.code)
+            level = min(level, logging.INFO)
+        super().log(level, msg, *args, **kwargs)
+
+
+def handler_args(cfg: Config) -> dict[str, Any]:
+    """Per-connection limits of the main listener. aiohttp has no header read timeout, but
+    its keep-alive timer runs from the moment a connection opens (and from the end of each
+    response) and closes a connection still waiting for a complete request head: set to
+    ``listen.read_timeout_s`` it is the slow-loris guard for headers (bodies: ``bodies``)."""
+    return {
+        "keepalive_timeout": cfg.listen.read_timeout_s,
+        "max_field_size": MAX_HEADER_FIELD_BYTES,
+        "max_line_size": MAX_HEADER_FIELD_BYTES,
+        "max_headers": MAX_HEADERS,
+        "logger": PeerErrorLog(logging.getLogger("aiohttp.server"), {}),
+    }
 
 
 class InternalError(ProxyError):
@@ -47,7 +85,7 @@ class JsonErrorRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        # aiohttp's own: logs (one line, see app.PeerErrorLog) and refuses once bytes are out
+        # aiohttp's own: logs (one line, see PeerErrorLog) and refuses once bytes are out
         super().handle_error(request, status, exc, message)
         resp = json_error(refusal(status, exc), new_request_id())
         resp.force_close()

@@ -4,7 +4,7 @@ shutdown on SIGTERM/SIGINT, config reload on SIGHUP.
 SIGTERM/SIGINT: stop accepting, let requests in flight (streams included) finish for up to
 ``listen.shutdown_grace_s``, then cancel what is left, read the meter once more and flush the
 ledger (replaying the spool when the backend is back). SIGHUP: read the config file again and
-apply what can change live (``app.apply_config``); an invalid file is logged and the running
+apply what can change live (``reload.apply_config``); an invalid file is logged and the running
 config kept. Listeners are never closed by a reload.
 """
 
@@ -20,11 +20,12 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import PARTS, apply_config, create_app, handler_args
+from proxy.app import PARTS, create_app
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.metrics import metrics_handler
-from proxy.protocol import ProxyRunner
+from proxy.protocol import ProxyRunner, handler_args
+from proxy.reload import apply_config
 
 log = logging.getLogger("wattproxy")
 
@@ -65,8 +66,11 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.cfg
-        # handler_cancellation: a request whose client went away stops, and so does its
-        # upstream request (what aiohttp's test server does too)
+        # handler_cancellation=True is deliberate (aiohttp's default is False): when a client
+        # goes away, its handler is cancelled, which closes the upstream request, so the
+        # upstream stops generating what nobody will read and the GPU work (and energy) ends
+        # with it; the handler's ``finally`` still records the request (``client_disconnect``).
+        # aiohttp's test server cancels handlers the same way, so tests see what production does.
         runner = ProxyRunner(
             self.app,
             access_log=None,
@@ -117,7 +121,7 @@ class Service:
         async with self._reload_lock:
             try:
                 new = await asyncio.to_thread(load_config, path)
-                restart = await apply_config(self.app, new)
+                restart = await apply_config(self.app[PARTS], new)
             except ConfigError as err:
                 log.error(
                     "reload of %s failed; the running config stays:\n  %s",

@@ -3,7 +3,7 @@ loopback sockets."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +73,18 @@ class ProxyTestServer(TestServer):
 
 @pytest.fixture
 async def make_proxy() -> AsyncIterator[ProxyFactory]:
-    """``await make_proxy(cfg, meter=..., ledger=...)`` -> (server, parts), on a real port."""
+    """``await make_proxy(cfg, meter=..., ledger=..., environ=...)`` -> (server, parts), on a
+    real port (``environ``: where ``*_env`` secrets are read, the process's by default)."""
     servers: list[TestServer] = []
 
     async def make(
-        cfg: Config, meter: Meter | None = None, ledger: Ledger | None = None
+        cfg: Config,
+        meter: Meter | None = None,
+        ledger: Ledger | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> tuple[TestServer, Parts]:
         app: web.Application = create_app(
-            cfg, meter=meter, ledger=ledger, registry=CollectorRegistry()
+            cfg, meter=meter, ledger=ledger, registry=CollectorRegistry(), environ=environ
         )
         server = ProxyTestServer(app, host="127.0.0.1")
         await server.start_server()

@@ -16,7 +16,6 @@ import redis
 from aiohttp.test_utils import TestServer
 
 from estimators.estimator import Estimator, RequestShape
-from proxy.app import FORWARDER
 from proxy.budgets import RESERVED_RETRY_S, Budgets, limits_of, period_of
 from proxy.config import BudgetsConfig
 from proxy.errors import BudgetExceeded, LedgerError
@@ -328,7 +327,7 @@ async def test_without_budgets_the_proxy_checks_nothing(
     server, parts = await make_proxy(cfg)
     assert parts.budgets is not None
     assert parts.budgets.enabled is False
-    assert server.app[FORWARDER].budget_check is None  # no work on the request path
+    assert parts.runtime.budget_check is None  # no work on the request path
     await parts.ledger.write([record("big", user="carol", co2e_g=1e6)])
     async with aiohttp.ClientSession() as session:
         status, _, _ = await chat(session, url_of(server), user="carol")

@@ -49,8 +49,8 @@ class Bench:
         self.acc = Accountant(
             AttributionEngine(Weighting.WORK, IdlePolicy.EXCLUDE, idle_power_w=IDLE_W),
             Estimator(),
-            Metrics(CollectorRegistry()),
             self._final,
+            observer=Metrics(CollectorRegistry()),
             meter_devices=["gpu0"],
             meter_kind="nvml",
             clock=lambda: self.t,
@@ -307,7 +307,7 @@ def test_a_client_gone_before_any_answer_is_an_abort_not_an_answer() -> None:
 def test_an_unmetered_answer_without_upstream_work_is_not_charged() -> None:
     """Without a meter it was estimated (a text-generation prior of 169 J for a 404)."""
     finals: list[RequestRecord] = []
-    acc = Accountant(AttributionEngine(), Estimator(), Metrics(CollectorRegistry()), finals.append)
+    acc = Accountant(AttributionEngine(), Estimator(), finals.append)
     rec = RequestRecord("N", "alice", None, "llm", "llama", "text-generation", 0, "t")
     req = acc.begin(rec, None, 20, stream=False)
     acc.first_byte(req)

@@ -19,42 +19,35 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from estimators.errors import MeterError
-from estimators.meters import Meter, Reading, SimulatedMeter
+from estimators.meters import Reading, SimulatedMeter
 from proxy.config import load_config
 from proxy.ledger.sqlite import SQLiteLedger
+from proxy.reload import apply_config
 from proxy.standins import StandIn
 from tests.conftest import ProxyFactory, proxy_config, url_of
 from tests.helpers.proxy_load import settle
 from tests.helpers.redis_server import RedisServer
-
-# -- the meter -------------------------------------------------------------------------------
 from tests.helpers.serve import base_config, free_port, serve_process
 from tests.helpers.service import running
 from tests.helpers.through_proxy import CHAT, final_record
 
+# -- the meter -------------------------------------------------------------------------------
 
-class FailingMeter(Meter):
+
+class FailingMeter(SimulatedMeter):
     """The simulated meter behind a switch: with ``failing`` set, every read raises
     ``MeterError`` as a driver that lost the GPU would."""
 
-    kind = "simulated"
-
     def __init__(self) -> None:
-        self.accountant: Any = None  # set once the proxy is built: the load comes from it
-        self.inner = SimulatedMeter(
-            lambda: self.accountant.load() if self.accountant is not None else {}, noise=0.0
-        )
+        super().__init__(noise=0.0)  # its load: its own tracker, told by the proxy
         self.failing = False
         self.failed_reads = 0
-
-    def devices(self) -> list[str]:
-        return self.inner.devices()
 
     def read(self) -> Reading:
         if self.failing:
             self.failed_reads += 1
             raise MeterError("NVML_ERROR_GPU_IS_LOST")
-        return self.inner.read()
+        return super().read()
 
 
 async def chat(base: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
@@ -78,7 +71,6 @@ async def test_meter_down_requests_go_on_estimated_and_measured_again_after(
 ) -> None:
     meter = FailingMeter()
     proxy, parts = await make_proxy(proxy_config(url_of(upstream), tmp_path), meter=meter)
-    meter.accountant = parts.accountant
     parts.accountant.down_after_s = 0.2  # give up on a dead device quickly (default 5 s)
     base = url_of(proxy)
     status, rid = await chat(base)
@@ -114,7 +106,6 @@ async def test_meter_failing_mid_request_makes_it_estimated_not_lost(
     up = await aiohttp_server(slow.app())
     meter = FailingMeter()
     proxy, parts = await make_proxy(proxy_config(url_of(up), tmp_path), meter=meter)
-    meter.accountant = parts.accountant
     parts.accountant.down_after_s = 0.2
     base = url_of(proxy)
     async with (
@@ -395,3 +386,63 @@ async def test_reload_applies_keys_budgets_limits_and_names_what_needs_a_restart
         assert await svc.reload() is False
         assert await status("key-two") == 429  # the running config stayed
         assert "missing.yaml: no such file" in caplog.text
+
+
+# -- sessions retired by a reload --------------------------------------------------------------
+
+
+async def test_a_session_retired_by_a_reload_closes_once_its_stream_ends(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    go = asyncio.Event()
+
+    async def held_stream(request: web.Request) -> web.StreamResponse:
+        """One event, then the rest once ``go`` is set."""
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        await resp.write(event)
+        await go.wait()
+        await resp.write(event + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", held_stream)
+    up = await aiohttp_server(app)
+    proxy, parts = await make_proxy(proxy_config(url_of(up), tmp_path))
+    old = parts.runtime.sessions["llm"]
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(url_of(proxy) + "/v1/chat/completions", json={**CHAT, "stream": True})
+        await r.content.readuntil(b"\n\n")  # the stream is under way, through ``old``
+        # a changed upstream gets a new session; the old one is retired
+        upstreams = [{"name": "llm", "url": url_of(up), "max_connections": 7}]
+        changed = proxy_config(url_of(up), tmp_path, upstreams=upstreams)
+        assert await apply_config(parts, changed) == []  # nothing left for a restart
+        new = parts.runtime.sessions["llm"]
+        assert new is not old and old.retired and old.in_flight == 1
+        await asyncio.sleep(0)  # a close, had one been scheduled, would have run
+        assert not old.session.closed  # the stream still goes through it
+        await apply_config(parts, changed)  # the same again: the new session stays
+        assert parts.runtime.sessions["llm"] is new
+        go.set()
+        rest = await r.read()
+        r.release()
+    assert rest.endswith(b"data: [DONE]\n\n")  # not dropped by the reload
+    await wait_for(lambda: old.session.closed)  # closed once its last stream ended
+    assert not new.session.closed and parts.sessions.retired == 0
+
+
+async def test_a_session_retired_with_no_request_on_it_closes_at_once(
+    upstream: TestServer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy, parts = await make_proxy(proxy_config(url_of(upstream), tmp_path))
+    status, _ = await chat(url_of(proxy))
+    assert status == 200
+    old = parts.runtime.sessions["llm"]
+    upstreams = [{"name": "other", "url": url_of(upstream)}]  # "llm" is gone
+    await apply_config(parts, proxy_config(url_of(upstream), tmp_path, upstreams=upstreams))
+    assert "llm" not in parts.runtime.sessions
+    await wait_for(lambda: old.session.closed)
+    assert parts.sessions.retired == 0

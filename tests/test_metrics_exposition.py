@@ -29,11 +29,16 @@ def test_known_sequence_exposition() -> None:
     clock = Clock()
     metrics = Metrics(CollectorRegistry())
     finals: list[RequestRecord] = []
+
+    def sink(record: RequestRecord) -> None:  # as the app's: the final metrics, then on
+        metrics.observe_final(record)
+        finals.append(record)
+
     acc = Accountant(
         AttributionEngine(Weighting.TIME, IdlePolicy.EXCLUDE, idle_power_w=50.0),
         Estimator(),
-        metrics,
-        finals.append,
+        sink,
+        observer=metrics,
         meter_devices=["gpu0"],
         meter_kind="nvml",
         g_per_j=lambda: 0.0001,

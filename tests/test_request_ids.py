@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from estimators.meters import Meter, Reading, SimulatedMeter
+from estimators.meters import Reading, SimulatedMeter
 from proxy.app import FORWARDER
 from proxy.ledger.base import Ledger
 from proxy.standins import StandIn
@@ -289,29 +289,21 @@ def test_trust_request_id_defaults_to_false(tmp_path: Path) -> None:
     assert proxy_config("http://127.0.0.1:9", tmp_path).identity.trust_request_id is False
 
 
-class HeldMeter(Meter):
+class HeldMeter(SimulatedMeter):
     """The simulated meter behind a tap: with ``flowing`` clear, a read waits until it is set
     again, so no record can turn final meanwhile (records wait for a reading past their end)."""
 
-    kind = "simulated"
-
     def __init__(self) -> None:
-        self.accountant: Any = None  # set once the proxy is built: the load comes from it
-        self.inner = SimulatedMeter(
-            lambda: self.accountant.load() if self.accountant is not None else {}, noise=0.0
-        )
+        super().__init__(noise=0.0)  # its load: its own tracker, told by the proxy
         self.flowing = threading.Event()
         self.flowing.set()
         self.waiting = threading.Event()
-
-    def devices(self) -> list[str]:
-        return self.inner.devices()
 
     def read(self) -> Reading:
         if not self.flowing.is_set():
             self.waiting.set()
             self.flowing.wait()
-        return self.inner.read()
+        return super().read()
 
 
 async def test_a_trusted_id_still_being_accounted_for_is_not_reused(
@@ -320,7 +312,6 @@ async def test_a_trusted_id_still_being_accounted_for_is_not_reused(
     meter = HeldMeter()
     cfg = proxy_config(url_of(upstream), tmp_path, identity={"trust_request_id": True})
     server, parts = await make_proxy(cfg, meter=meter)
-    meter.accountant = parts.accountant
     meter.flowing.clear()
     try:
         async with asyncio.timeout(10):

@@ -7,9 +7,9 @@ from multidict import CIMultiDict
 
 from proxy.config import UpstreamConfig
 from proxy.errors import BadRequest
-from proxy.forward import check_target
 from proxy.headers import client_request_id, filter_headers, request_id
 from proxy.routing import Router
+from proxy.target import check_target
 from proxy.tasks import OTHER, task_for
 
 UPSTREAMS = [

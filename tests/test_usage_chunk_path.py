@@ -87,7 +87,7 @@ async def _read_stream(app: web.Application, path: str, body: dict[str, Any]) ->
 
 
 #: Streams of the stand-ins (``proxy/standins/``, TGI's Messages API in
-#: ``tests/standins/tgi.py``), named: server, route, whether usage was asked for.
+#: ``proxy/standins/tgi.py``), named: server, route, whether usage was asked for.
 LIVE = {
     **{
         f"stand-in {flavor}, {path}, usage={ask}": (flavor, path, ask)

@@ -10,13 +10,14 @@ from estimators.meters.null import NullMeter
 from estimators.meters.nvml import NvmlMeter
 from estimators.meters.rapl import RaplMeter
 from estimators.meters.sampler import Sampler
-from estimators.meters.simulated import LoadFn, SimulatedMeter
+from estimators.meters.simulated import LoadFn, LoadTracker, SimulatedMeter
 
 __all__ = [
     "DcgmMeter",
     "DeviceSelector",
     "EnergyCounter",
     "LoadFn",
+    "LoadTracker",
     "Meter",
     "MeterConfig",
     "NullMeter",

@@ -3,7 +3,8 @@
 Power = idle watts + for each request in flight, the dynamic watts of its task, with seeded
 noise. The load is read from a callback as cumulative busy seconds (device -> task -> seconds
 of requests in flight, summed over requests), so energy is integrated exactly between reads and
-a request shorter than one interval still draws its share.
+a request shorter than one interval still draws its share. ``LoadTracker`` keeps those seconds:
+the proxy tells it when a request starts and ends on its devices, the meter reads it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from estimators.meters.base import Meter, Reading
 
@@ -37,11 +38,57 @@ MAX_POWER_W = 700.0  # an H100 SXM's board limit: the model never exceeds it
 LoadFn = Callable[[], Mapping[str, Mapping[str, float]]]
 
 
+class LoadTracker:
+    """Cumulative request-seconds per device and task: the simulated meter's load.
+
+    Told of request starts and ends from the event loop, read by the meter from its thread
+    (hence the lock). Calling it returns device -> task -> cumulative seconds of requests in
+    flight, up to now.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, dict[str, int]] = {}
+        self._busy_s: dict[str, dict[str, float]] = {}
+        self._t_s: dict[str, float] = {}
+
+    def started(self, devices: Iterable[str], task: str, t_s: float) -> None:
+        self._change(devices, task, +1, t_s)
+
+    def ended(self, devices: Iterable[str], task: str, t_s: float) -> None:
+        self._change(devices, task, -1, t_s)
+
+    def __call__(self) -> dict[str, dict[str, float]]:
+        now = self._clock()
+        with self._lock:
+            for device in self._in_flight:
+                self._advance(device, now)
+            return {d: dict(b) for d, b in self._busy_s.items()}
+
+    def _change(self, devices: Iterable[str], task: str, delta: int, t_s: float) -> None:
+        with self._lock:
+            for d in devices:
+                self._advance(d, t_s)
+                counts = self._in_flight.setdefault(d, {})
+                counts[task] = counts.get(task, 0) + delta
+
+    def _advance(self, device: str, now: float) -> None:
+        last = self._t_s.get(device, now)
+        self._t_s[device] = now
+        if now > last:
+            busy = self._busy_s.setdefault(device, {})
+            for task, n in self._in_flight.get(device, {}).items():
+                if n > 0:
+                    busy[task] = busy.get(task, 0.0) + n * (now - last)
+
+
 class SimulatedMeter(Meter):
     """Integrates the power model between reads.
 
     Args:
-        load: returns, per device and task, cumulative seconds of requests in flight.
+        load: returns, per device and task, cumulative seconds of requests in flight; by
+            default a ``LoadTracker`` of its own (``tracker``), for the proxy to tell.
         devices: device names (default one device, ``gpu0``).
         idle_w: power with nothing in flight.
         dynamic_w: extra watts per in-flight request, by task.
@@ -53,7 +100,7 @@ class SimulatedMeter(Meter):
 
     def __init__(
         self,
-        load: LoadFn,
+        load: LoadFn | None = None,
         devices: Sequence[str] = ("gpu0",),
         idle_w: float = DEFAULT_IDLE_W,
         dynamic_w: Mapping[str, float] | None = None,
@@ -61,7 +108,7 @@ class SimulatedMeter(Meter):
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._load = load
+        self._load: LoadFn = load if load is not None else LoadTracker(clock)
         self._devices = list(devices)
         self._idle_w = idle_w
         self._dynamic_w = dict(DEFAULT_DYNAMIC_W if dynamic_w is None else dynamic_w)
@@ -72,6 +119,11 @@ class SimulatedMeter(Meter):
         self._last_t_s = clock()
         self._energy_j = dict.fromkeys(self._devices, 0.0)
         self._busy_s: dict[str, dict[str, float]] = {d: {} for d in self._devices}
+
+    @property
+    def tracker(self) -> LoadTracker | None:
+        """The tracker its load comes from, for the proxy to tell of requests (if it has one)."""
+        return self._load if isinstance(self._load, LoadTracker) else None
 
     def devices(self) -> list[str]:
         return list(self._devices)

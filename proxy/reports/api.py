@@ -15,9 +15,9 @@ from aiohttp import web
 
 from proxy.accounting import Accountant
 from proxy.errors import BadRequest, Forbidden, LedgerError, NotFound, ProxyError, Unauthorized
-from proxy.forward import json_error
 from proxy.identity import Identity, IdentityResolver, bearer
 from proxy.ledger.base import Ledger
+from proxy.middleware import json_error
 from proxy.records import RequestRecord
 from proxy.reports.build import build_report, build_summary, default_period, parse_day
 from proxy.reports.tables import report_csv

@@ -1,0 +1,67 @@
+"""A config reload (SIGHUP): upstreams and routing, identity keys, budgets, limits and the access
+log change live; the sections that hold open resources (listeners, meter, ledger...) keep their
+old values until a restart, and are named.
+
+Everything is prepared first (sessions, tokenizers, the keys file, model tasks), then the new
+``Runtime`` is swapped in with one assignment, with no await in between: a request sees the old
+config or the new one, never a mix, and requests in flight finish on the upstream they were
+routed to. Sessions the new runtime no longer uses are retired: closed once the requests
+streaming through them are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from proxy.config import Config
+from proxy.runtime import build_runtime, load_counters, load_keys, model_tasks_of
+from proxy.sessions import UpstreamSession
+from proxy.tokens import TokenCounter
+
+if TYPE_CHECKING:
+    from proxy.app import Parts
+
+#: Config sections a SIGHUP reload does not apply (listeners, meter, ledger...): restart.
+RESTART_ONLY = ("listen", "meter", "attribution", "carbon", "ledger", "metrics", "admin_token_env")
+
+
+async def apply_config(parts: Parts, new: Config) -> list[str]:
+    """Apply a reloaded config to the running proxy.
+
+    Returns the changed sections that a reload does not apply (they keep their old values).
+    Raises ``ConfigError`` (and changes nothing) when the new keys file cannot be used.
+    """
+    rt = parts.runtime
+    old = rt.cfg
+    held = {name: getattr(old, name) for name in RESTART_ONLY}
+    needs_restart = [name for name in RESTART_ONLY if getattr(new, name) != held[name]]
+    cfg = new.model_copy(update=held)
+    keys = load_keys(cfg)  # the one step that may refuse the config: before anything opens
+    before = {u.name: u for u in old.upstreams}
+    sessions: dict[str, UpstreamSession] = {}
+    for upstream in cfg.upstreams:
+        prior = rt.sessions.get(upstream.name)
+        same = before.get(upstream.name) == upstream
+        sessions[upstream.name] = (
+            prior if prior is not None and same else parts.sessions.open(upstream)
+        )
+    counters: dict[str, TokenCounter] = {}
+    for upstream in cfg.upstreams:
+        if not upstream.model_path:
+            continue
+        counter = rt.counters.get(upstream.name)
+        if counter is None or before[upstream.name].model_path != upstream.model_path:
+            counter = TokenCounter(upstream.model_path)
+        counters[upstream.name] = counter
+    loaded = await load_counters(counters)
+    model_tasks = await asyncio.to_thread(model_tasks_of, cfg)
+    # -- the swap: no await from here on --------------------------------------------------
+    budgets = parts.budgets
+    if budgets is not None:  # one for the process's life: holds of requests in flight stay
+        budgets.reconfigure(cfg.budgets)
+    parts.live.runtime = build_runtime(
+        cfg, keys, parts.environ, budgets, sessions, loaded, model_tasks
+    )
+    parts.sessions.retire(s for s in rt.sessions.values() if s not in sessions.values())
+    return needs_restart
