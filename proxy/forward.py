@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from estimators.estimator import RequestShape
+from proxy import energy_answer
 from proxy.accounting import Accountant, OpenRequest
 from proxy.config import Config, UpstreamConfig
 from proxy.errors import (
@@ -53,6 +54,7 @@ from proxy.usage.base import (
     parse_json,
     weaker_source,
 )
+from proxy.usage.energy_splice import UsageSplicer
 
 log = logging.getLogger("wattproxy.forward")
 
@@ -206,6 +208,7 @@ class Relay:
     collector: BodyUsage | None
     tokens_seen: int = 0
     header_usage: Usage | None = None  # counts the upstream sent in response headers
+    splice: UsageSplicer | None = None  # energy in a non-streamed JSON body's usage (issue 15)
 
 
 class Forwarder:
@@ -393,6 +396,10 @@ class Forwarder:
             max_tokens=plan.max_tokens,
             images=plan.images,
         )
+        # issue 15 hook: energy in the answer, when asked for
+        plan.energy = energy_answer.figures_for(
+            self.cfg.response.energy_in_usage, request.headers, self.accountant, req
+        )
         status = 502
         outcome = "ok"
         relay: Relay | None = None
@@ -518,7 +525,8 @@ class Forwarder:
                 collector = BodyUsage()
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         out.headers.extend(filter_headers(resp.headers, RESPONSE_DROP))
-        if resp.content_length is not None and not plan.inject_usage:
+        splice, keep_length = energy_answer.start(plan, parser, collector, out.headers)  # i. 15
+        if resp.content_length is not None and not plan.inject_usage and keep_length:
             out.content_length = resp.content_length
         out.headers["X-Request-Id"] = rid
         out.headers["X-Wattproxy-Task"] = task
@@ -528,7 +536,7 @@ class Forwarder:
             header_usage = for_api(upstream.api).headers(request.path, resp.headers)
         except Exception as err:
             parser_failed(f"{upstream.api} headers of {request.path}", err)
-        return out, Relay(parser, collector, header_usage=header_usage)
+        return out, Relay(parser, collector, header_usage=header_usage, splice=splice)
 
     async def _relay(
         self,
@@ -566,7 +574,7 @@ class Forwarder:
             else:
                 if collector is not None:
                     collector.feed(chunk)
-                data = chunk
+                data = chunk if relay.splice is None else relay.splice.feed(chunk)  # issue 15
             if data:
                 try:
                     await out.write(data)
