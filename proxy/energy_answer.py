@@ -71,6 +71,7 @@ def figures_for(
 
 
 def start(
+    status: int,
     plan: RequestPlan,
     parser: StreamUsage | None,
     collector: BodyUsage | None,
@@ -78,9 +79,10 @@ def start(
 ) -> tuple[UsageSplicer | None, bool]:
     """At the response head: ``(splicer for a non-streamed JSON body, whether the upstream's
     Content-Length may be kept)``; adds ``X-Wattproxy-Energy-Estimate-J`` to ``headers`` for a
-    non-streamed answer. A body that may be rewritten goes out chunked."""
+    non-streamed answer. A body that may be rewritten goes out chunked. An error answer
+    (``status`` 4xx, 5xx) is left as it is."""
     figures = plan.energy
-    if figures is None:
+    if figures is None or status >= 400:
         return None, True
     if parser is None and not plan.stream and isinstance(figures, RequestFigures):
         headers[ESTIMATE_HEADER] = number(figures.estimate_j).decode()

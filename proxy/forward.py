@@ -525,7 +525,8 @@ class Forwarder:
                 collector = BodyUsage()
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         out.headers.extend(filter_headers(resp.headers, RESPONSE_DROP))
-        splice, keep_length = energy_answer.start(plan, parser, collector, out.headers)  # i. 15
+        # issue 15 hook: energy in the answer (a body splicer; Content-Length dropped if it grows)
+        splice, keep_length = energy_answer.start(resp.status, plan, parser, collector, out.headers)
         if resp.content_length is not None and not plan.inject_usage and keep_length:
             out.content_length = resp.content_length
         out.headers["X-Request-Id"] = rid

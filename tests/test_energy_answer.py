@@ -199,6 +199,8 @@ class Replay:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         doc = await request.json()
         self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        if doc.get("model") == "bad":
+            return web.Response(body=ERROR, status=400, content_type="application/json")
         if not doc.get("stream"):
             return web.Response(body=NON_STREAM, content_type="application/json")
         asked = (doc.get("stream_options") or {}).get("include_usage")
@@ -235,6 +237,9 @@ async def _chat(
         return await r.read(), r.headers
 
 
+#: an error answer that happens to hold a usage object: never rewritten
+ERROR = b'{"error":{"message":"no","type":"BadRequestError","code":400},"usage":{"a":1}}'
+
 STREAM_USAGE = {
     "model": "m",
     "messages": [{"role": "user", "content": "hi"}],
@@ -268,6 +273,14 @@ async def test_serve_off_by_default_and_by_header(aiohttp_server: Any, tmp_path:
         _added(body, NON_STREAM)
         assert "Content-Length" not in headers
         assert float(headers["X-Wattproxy-Energy-Estimate-J"]) > 0
+        # an error answer stays as the upstream sent it
+        headers = {"X-Wattproxy-Energy": "include"}
+        bad = {**PLAIN, "model": "bad"}
+        async with s.post(served.base + "/v1/chat/completions", json=bad, headers=headers) as r:
+            assert r.status == 400
+            assert await r.read() == ERROR
+            assert r.headers["Content-Length"] == str(len(ERROR))
+            assert "X-Wattproxy-Energy-Estimate-J" not in r.headers
     assert all("x-wattproxy-energy" not in h for h in replay.headers)  # never sent upstream
 
 
