@@ -163,6 +163,12 @@ class HealthConfig(Section):
     ready_when: Literal["any", "all"] = "any"
 
 
+class ResponseConfig(Section):
+    #: add the request's energy (energy_j, co2e_g, source, final: false) to the usage object of
+    #: every answer whose client asked for usage; per request: ``X-Wattproxy-Energy: include``
+    energy_in_usage: bool = False
+
+
 class LogConfig(Section):
     access_log: bool = False
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -182,6 +188,7 @@ class Config(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    response: ResponseConfig = Field(default_factory=ResponseConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> Config:

@@ -16,6 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from estimators.estimator import RequestShape
+from proxy import energy_answer
 from proxy.accounting import Accountant
 from proxy.bodies import BODY_METHODS, armed_when_sent, body_chunks, is_json, observed, read_limited
 from proxy.config import UpstreamConfig
@@ -225,6 +226,10 @@ class Forwarder:
             plan.stream,
             max_tokens=plan.max_tokens,
             images=plan.images,
+        )
+        # energy in the answer, when asked for (docs/energy-in-answer.md)
+        plan.energy = energy_answer.figures_for(
+            rt.cfg.response.energy_in_usage, request.headers, self.accountant, req
         )
         status = 502
         outcome = "ok"

@@ -26,7 +26,9 @@ HOP_BY_HOP = frozenset(
     )
 )
 #: Never sent upstream: the proxy sets them itself.
-REQUEST_DROP = frozenset(("host", "content-length", "x-wattproxy-user", "x-wattproxy-team"))
+REQUEST_DROP = frozenset(
+    ("host", "content-length", "x-wattproxy-user", "x-wattproxy-team", "x-wattproxy-energy")
+)
 RESPONSE_DROP = frozenset(("content-length", "x-wattproxy-task"))
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

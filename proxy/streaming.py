@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from proxy import energy_answer
 from proxy.accounting import Accountant, OpenRequest
 from proxy.bodies import is_json
 from proxy.config import UpstreamConfig
@@ -21,6 +22,7 @@ from proxy.headers import RESPONSE_DROP, filter_headers
 from proxy.tokens import TokenCounter
 from proxy.usage import for_api
 from proxy.usage.base import BodyUsage, RequestPlan, StreamUsage, Usage
+from proxy.usage.energy_splice import UsageSplicer
 from proxy.usage.resolve import resolve_usage
 
 log = logging.getLogger("wattproxy.forward")
@@ -48,6 +50,7 @@ class Relay:
     collector: BodyUsage | None
     tokens_seen: int = 0
     header_usage: Usage | None = None  # counts the upstream sent in response headers
+    splice: UsageSplicer | None = None  # energy in a non-streamed JSON body's usage
 
     def usage(self, api: str, path: str, plan: RequestPlan, counter: TokenCounter | None) -> Usage:
         """The request's token counts from what was relayed (``proxy.usage.resolve``)."""
@@ -84,7 +87,9 @@ async def start_response(
             collector = BodyUsage()
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
     out.headers.extend(filter_headers(resp.headers, RESPONSE_DROP))
-    if resp.content_length is not None and not plan.inject_usage:
+    # energy in the answer: a body splicer, and Content-Length dropped if the body grows
+    splice, keep_length = energy_answer.start(resp.status, plan, parser, collector, out.headers)
+    if resp.content_length is not None and not plan.inject_usage and keep_length:
         out.content_length = resp.content_length
     out.headers["X-Request-Id"] = rid
     out.headers["X-Wattproxy-Task"] = task
@@ -94,7 +99,7 @@ async def start_response(
         header_usage = for_api(api).headers(request.path, resp.headers)
     except Exception as err:
         parser_failed(f"{api} headers of {request.path}", err)
-    return out, Relay(parser, collector, header_usage=header_usage)
+    return out, Relay(parser, collector, header_usage=header_usage, splice=splice)
 
 
 async def relay_body(
@@ -133,7 +138,7 @@ async def relay_body(
         else:
             if collector is not None:
                 collector.feed(chunk)
-            data = chunk
+            data = chunk if relay.splice is None else relay.splice.feed(chunk)
         if data:
             try:
                 await out.write(data)

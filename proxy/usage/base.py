@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from proxy.usage.energy_splice import FiguresFn
+
 try:  # orjson is optional: it decodes several times faster
     import orjson
 
@@ -113,6 +115,11 @@ class RequestPlan:
     prompt_parts: list[str] | None = None
     #: Watches a streamed (non-JSON) upload, e.g. the audio of a transcription.
     upload: UploadProbe | None = None
+    #: The client asked for usage in its stream itself (``stream_options.include_usage``).
+    usage_asked: bool = False
+    #: Energy in the answer (``response.energy_in_usage``): the request's figures as they
+    #: stand, set by the proxy once the request is open; None when not asked for.
+    energy: FiguresFn | None = None
 
 
 class UploadProbe(Protocol):

@@ -32,6 +32,7 @@ from proxy.usage.base import (
     sse_data,
     weaker_source,
 )
+from proxy.usage.energy_splice import FiguresFn, splice_event
 
 STREAM_USAGE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 #: APIs whose streams are named events with usage nested in them.
@@ -201,6 +202,8 @@ def plan_openai_request(path: str, doc: Any) -> RequestPlan:
         new_options["include_usage"] = True
         plan.inject_usage = True
         plan.body = json.dumps({**doc, "stream_options": new_options}).encode()
+    options = doc.get("stream_options")
+    plan.usage_asked = isinstance(options, dict) and options.get("include_usage") is True
     return plan
 
 
@@ -264,6 +267,9 @@ class OpenAISSE(StreamUsage):
         chunk_path: count a chunk of whole plain content events with a few scans of the chunk
             (``_count_whole_events``); off, every event takes the per-event path (the
             reference the chunk path is tested against).
+        energy: the client asked for usage and for energy in it (issue 15): the final
+            usage-only chunk (``"choices":[]``) gets the figures ``energy()`` gives then
+            (``energy_splice``); every other byte passes unchanged.
     """
 
     def __init__(
@@ -272,8 +278,13 @@ class OpenAISSE(StreamUsage):
         collect_text: bool = False,
         strip_nulls: bool = True,
         chunk_path: bool = True,
+        energy: FiguresFn | None = None,
     ) -> None:
         self.strip_usage = strip_usage
+        self.energy = energy
+        #: the client gets the events as framed here, not the chunks as they came
+        self._reframes = strip_usage or energy is not None
+        self._final_usage = False  # the event just inspected is the final usage-only chunk
         self.strip_nulls = strip_nulls
         self.collect_text = collect_text
         # collected text needs each event's JSON: no chunk path then
@@ -292,15 +303,19 @@ class OpenAISSE(StreamUsage):
     def feed(self, chunk: bytes) -> bytes:
         if self._chunk_path and self._count_whole_events(chunk):
             return chunk
-        if not self.strip_usage:
+        if not self._reframes:
             for event in self._framer.push(chunk):
                 self._inspect(event)
             return chunk
+        strip_nulls = self.strip_usage and self.strip_nulls
         out = []
         for event in self._framer.push(chunk):
             if self._inspect(event):
-                if self.strip_nulls and b"null" in event and b'"usage"' in event:
+                if strip_nulls and b"null" in event and b'"usage"' in event:
                     event = _USAGE_NULL.sub(b"", event)
+                if self._final_usage and self.energy is not None:
+                    self._final_usage = False
+                    event = splice_event(event, self.energy)
                 out.append(event)
         return b"".join(out)
 
@@ -369,11 +384,11 @@ class OpenAISSE(StreamUsage):
 
     def flush(self) -> bytes:
         rest = self._framer.pending()
-        if rest and self.strip_usage:
+        if rest and self._reframes:
             return rest if self._inspect(rest) else b""
         if rest:
             self._inspect(rest)
-        return rest if self.strip_usage else b""
+        return b""
 
     def _inspect(self, event: bytes) -> bool:
         """Account one event; False when it is the injected usage-only chunk."""
@@ -406,8 +421,10 @@ class OpenAISSE(StreamUsage):
         usage = obj.get("usage")
         if isinstance(usage, dict):
             _merge_usage(self._usage, usage)
-            if self.strip_usage and obj.get("choices") == []:
-                return False
+            if obj.get("choices") == []:
+                if self.strip_usage:
+                    return False
+                self._final_usage = True
         return True
 
     def _collect(self, obj: dict[str, Any]) -> None:
@@ -606,4 +623,12 @@ def stream_parser(
         return None
     if path in EVENT_STREAM_PATHS:
         return EventSSE(collect_text=collect_text)
-    return OpenAISSE(strip_usage=plan.inject_usage, collect_text=collect_text)
+    return OpenAISSE(
+        strip_usage=plan.inject_usage, collect_text=collect_text, energy=energy_of(plan)
+    )
+
+
+def energy_of(plan: RequestPlan) -> FiguresFn | None:
+    """The figures for a stream's final usage chunk: only where the client asked for usage
+    itself (``stream_options.include_usage``) and for energy in it."""
+    return plan.energy if plan.usage_asked else None

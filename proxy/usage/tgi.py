@@ -106,7 +106,9 @@ def stream_parser(
     if path.startswith("/v1/"):
         if content_type == "text/event-stream" and path in openai.STREAM_USAGE_PATHS:
             # TGI puts "usage":null on every chunk, asked or not: leave those in place
-            return openai.OpenAISSE(plan.inject_usage, collect_text, strip_nulls=False)
+            return openai.OpenAISSE(
+                plan.inject_usage, collect_text, strip_nulls=False, energy=openai.energy_of(plan)
+            )
         return openai.stream_parser(path, content_type, plan, collect_text)
     if content_type != "text/event-stream":
         return None
