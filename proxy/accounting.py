@@ -33,6 +33,7 @@ from estimators.meters import Reading
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord, utc_now_iso
 from proxy.tasks import OTHER
+from proxy.tracing import exemplar
 from proxy.usage.base import Usage
 
 log = logging.getLogger("wattproxy.accounting")
@@ -393,5 +394,6 @@ class Accountant:
         energy.inc(rec.energy_j)
         co2e.inc(rec.co2e_g)
         if rec.task != OTHER:
-            m.request_energy.labels(rec.task).observe(rec.energy_j)
+            # HOOK(tracing): the trace id as exemplar (rendered in OpenMetrics only)
+            m.request_energy.labels(rec.task).observe(rec.energy_j, exemplar(rec))
         self.sink(rec)

@@ -43,6 +43,7 @@ from proxy.records import RequestRecord
 from proxy.reports.api import Emissions, RecentRecords
 from proxy.routing import Router
 from proxy.tokens import TokenCounter
+from proxy.tracing import NullTracing, build_tracing
 
 log = logging.getLogger("wattproxy")
 
@@ -57,7 +58,16 @@ LEDGER_STARTUP_PING_S = 3.0
 MAX_HEADER_FIELD_BYTES = 8190
 MAX_HEADERS = 128
 #: Config sections a SIGHUP reload does not apply (listeners, meter, ledger...): restart.
-RESTART_ONLY = ("listen", "meter", "attribution", "carbon", "ledger", "metrics", "admin_token_env")
+RESTART_ONLY = (
+    "listen",
+    "meter",
+    "attribution",
+    "carbon",
+    "ledger",
+    "metrics",
+    "admin_token_env",
+    "tracing",
+)
 
 
 @dataclass
@@ -85,6 +95,7 @@ class Parts:
     budgets: Budgets | None = None
     #: upstream sessions replaced by a reload: requests may still stream through them
     retired_sessions: list[aiohttp.ClientSession] = field(default_factory=list)
+    tracing: NullTracing = field(default_factory=NullTracing)  # HOOK(tracing)
 
 
 PARTS = web.AppKey("wattproxy_parts", Parts)
@@ -214,9 +225,11 @@ def build_parts(
     recent = RecentRecords()
 
     access_log = logging.getLogger(ACCESS_LOGGER)
+    tracing = build_tracing(cfg.tracing)  # HOOK(tracing)
     current: list[Parts] = []  # set below; read on each record, as a reload swaps parts
 
     def sink(record: RequestRecord) -> None:
+        tracing.finish(record)  # HOOK(tracing): the span ends with the final record
         recent.add(record)
         writer.submit(record)
         live = current[0]
@@ -262,6 +275,7 @@ def build_parts(
         model_tasks=_model_tasks(cfg),
         carbon=carbon,
         budgets=budgets,
+        tracing=tracing,  # HOOK(tracing)
     )
     current.append(parts)
     for device in meter.devices():
@@ -339,6 +353,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await parts.writer.flush()
     await parts.ledger.close()
     await asyncio.to_thread(parts.meter.close)
+    await asyncio.to_thread(parts.tracing.close)  # HOOK(tracing): export the last spans
 
 
 async def _warn_if_ledger_down(ledger: Ledger, cfg: Config) -> None:
@@ -486,6 +501,7 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
         model_tasks=parts.model_tasks,
         budget_check=_budget_check(parts.budgets),
         upstream_keys=_upstream_keys(cfg),
+        tracing=parts.tracing,  # HOOK(tracing)
     )
     app[FORWARDER] = forwarder
 

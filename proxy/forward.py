@@ -43,6 +43,7 @@ from proxy.records import RequestRecord, utc_now_iso
 from proxy.routing import Router
 from proxy.tasks import OTHER, task_for
 from proxy.tokens import TokenCounter, estimate_tokens
+from proxy.tracing import NullTracing
 from proxy.usage import for_api, json_endpoint, upload_probe
 from proxy.usage.base import (
     BodyUsage,
@@ -221,6 +222,7 @@ class Forwarder:
         model_tasks: dict[str, str] | None = None,
         budget_check: BudgetCheck | None = None,
         upstream_keys: dict[str, str] | None = None,
+        tracing: NullTracing | None = None,
     ) -> None:
         self.cfg = cfg
         self.router = router
@@ -232,6 +234,7 @@ class Forwarder:
         self.model_tasks = model_tasks if model_tasks is not None else {}
         self.budget_check = budget_check
         self.upstream_keys = upstream_keys or {}
+        self.tracing = tracing or NullTracing()  # HOOK(tracing)
         #: trusted client ids being handled, before the accountant holds them (budget, body)
         self._claimed: set[str] = set()
 
@@ -349,6 +352,7 @@ class Forwarder:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         headers["X-Request-Id"] = rid
+        self.tracing.inject(rid, headers)  # HOOK(tracing): traceparent of the request's span
         peer = request.remote
         if peer:
             prior = request.headers.get("X-Forwarded-For")
@@ -385,6 +389,7 @@ class Forwarder:
         )
         if client_id is not None and client_id != rid:
             record.extra["client_request_id"] = client_id  # for the client's own correlation
+        self.tracing.start(record, request.headers, request.path)  # HOOK(tracing): span opens
         req = self.accountant.begin(
             record,
             upstream.devices,

@@ -10,7 +10,7 @@ import threading
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 
 OTHER = "_other"
 
@@ -282,5 +282,17 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+#: The media type of OpenMetrics, the only text format that carries exemplars.
+OPENMETRICS = "application/openmetrics-text"
+
+
 async def metrics_handler(request: web.Request, metrics: Metrics) -> web.Response:
+    """The Prometheus text format, or OpenMetrics (with the energy exemplars) when the scraper
+    offers it in ``Accept`` (prometheus_client's own negotiation picks its version)."""
+    accept = request.headers.get("Accept", "")
+    if OPENMETRICS in accept:  # HOOK(tracing): exemplars need OpenMetrics
+        encoder, content_type = choose_encoder(accept)
+        if content_type.startswith(OPENMETRICS):
+            body = encoder(metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": content_type})
     return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
