@@ -42,6 +42,7 @@ from proxy.reports.api import Emissions, RecentRecords
 from proxy.runtime import Live, Runtime, build_runtime, load_counters, load_keys, model_tasks_of
 from proxy.sessions import Sessions
 from proxy.tokens import TokenCounter
+from proxy.tracing import NullTracing, build_tracing
 
 log = logging.getLogger("wattproxy")
 
@@ -72,6 +73,7 @@ class Parts:
     carbon: CarbonClock | None = None
     background: Background = field(default_factory=Background)
     budgets: Budgets | None = None
+    tracing: NullTracing = field(default_factory=NullTracing)
 
     @property
     def runtime(self) -> Runtime:
@@ -172,8 +174,12 @@ def build_parts(
 
     access_log = logging.getLogger(ACCESS_LOGGER)
 
+    tracing = build_tracing(cfg.tracing)
+
     def sink(record: RequestRecord) -> None:
-        """Where every final record goes: metrics, memory, ledger, access log, budgets."""
+        """Where every final record goes: its span, metrics, memory, ledger, access log,
+        budgets."""
+        tracing.finish(record)  # the span ends with the final record (its trace id on it)
         metrics.observe_final(record)
         recent.add(record)
         writer.submit(record)
@@ -209,6 +215,7 @@ def build_parts(
         environ=env,
         carbon=carbon,
         budgets=budgets,
+        tracing=tracing,
     )
 
 
@@ -236,6 +243,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await parts.writer.flush()
     await parts.ledger.close()
     await asyncio.to_thread(parts.meter.close)
+    await asyncio.to_thread(parts.tracing.close)  # export the last spans
 
 
 async def _warn_if_ledger_down(ledger: Ledger, cfg: Config) -> None:
@@ -270,7 +278,9 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
     emissions = Emissions(
         parts.ledger, parts.accountant, parts.recent, CurrentIdentity(live), admin_token
     )
-    forwarder = Forwarder(live, parts.sessions, parts.accountant, parts.metrics)
+    forwarder = Forwarder(
+        live, parts.sessions, parts.accountant, parts.metrics, tracing=parts.tracing
+    )
     app[FORWARDER] = forwarder
 
     async def metrics(request: web.Request) -> web.Response:

@@ -174,6 +174,31 @@ class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class TracingConfig(Section):
+    """OpenTelemetry spans (``proxy.tracing``); needs the ``otel`` extra."""
+
+    enabled: bool = False
+    #: OTLP/HTTP protobuf traces endpoint (a collector's, or any OTLP receiver's)
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "wattproxy"
+    #: share of new traces kept; a client's sampled flag is followed (parent-based)
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    #: seconds one export may take
+    timeout_s: float = Field(10.0, gt=0)
+    #: spans waiting for export at most; past it new ones are dropped
+    max_queue_size: int = Field(2048, ge=1)
+    #: milliseconds between exports of a batch
+    export_interval_ms: int = Field(1000, ge=1)
+    max_export_batch_size: int = Field(512, ge=1)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+
 class Config(Section):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     upstreams: list[UpstreamConfig] = Field(default_factory=lambda: [UpstreamConfig()])
@@ -189,6 +214,7 @@ class Config(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     response: ResponseConfig = Field(default_factory=ResponseConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> Config:

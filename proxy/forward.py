@@ -45,6 +45,7 @@ from proxy.streaming import (
     start_response,
 )
 from proxy.tasks import OTHER, task_for
+from proxy.tracing import NullTracing
 from proxy.usage import for_api, json_endpoint, upload_probe
 from proxy.usage.base import RequestPlan, Usage, parse_json
 from proxy.usage.resolve import prompt_estimate, resolve_usage
@@ -74,12 +75,18 @@ class Forwarder:
     """
 
     def __init__(
-        self, live: Live, sessions: Sessions, accountant: Accountant, metrics: Metrics
+        self,
+        live: Live,
+        sessions: Sessions,
+        accountant: Accountant,
+        metrics: Metrics,
+        tracing: NullTracing | None = None,
     ) -> None:
         self.live = live
         self.sessions = sessions
         self.accountant = accountant
         self.metrics = metrics
+        self.tracing = tracing or NullTracing()
         #: trusted client ids being handled, before the accountant holds them (budget, body)
         self._claimed: set[str] = set()
 
@@ -176,9 +183,8 @@ class Forwarder:
             data = plan.body
         return upstream, plan, data
 
-    @staticmethod
     def _upstream_headers(
-        request: web.Request, rt: Runtime, upstream: UpstreamConfig, rid: str
+        self, request: web.Request, rt: Runtime, upstream: UpstreamConfig, rid: str
     ) -> CIMultiDict[str]:
         # the proxy's own keys never go upstream
         drop = REQUEST_DROP_WITH_KEYS if rt.identity.keys_required else REQUEST_DROP
@@ -187,6 +193,7 @@ class Forwarder:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         headers["X-Request-Id"] = rid
+        self.tracing.inject(rid, headers)  # the traceparent of the request's span
         peer = request.remote
         if peer:
             prior = request.headers.get("X-Forwarded-For")
@@ -219,6 +226,7 @@ class Forwarder:
         )
         if client_id is not None and client_id != rid:
             record.extra["client_request_id"] = client_id  # for the client's own correlation
+        self.tracing.start(record, request.headers, request.path)  # the request's span opens
         req = self.accountant.begin(
             record,
             upstream.devices,

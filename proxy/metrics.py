@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 
 from proxy.tasks import OTHER as OTHER_TASK
+from proxy.tracing import exemplar
 
 if TYPE_CHECKING:
     from estimators.attribution import IntervalSplit
@@ -314,7 +315,8 @@ class Metrics:
         energy.inc(record.energy_j)
         co2e.inc(record.co2e_g)
         if record.task != OTHER_TASK:
-            self.request_energy.labels(record.task).observe(record.energy_j)
+            # the trace id as exemplar (rendered in OpenMetrics only)
+            self.request_energy.labels(record.task).observe(record.energy_j, exemplar(record))
 
     def observe_reading(
         self,
@@ -351,5 +353,17 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+#: The media type of OpenMetrics, the only text format that carries exemplars.
+OPENMETRICS = "application/openmetrics-text"
+
+
 async def metrics_handler(request: web.Request, metrics: Metrics) -> web.Response:
+    """The Prometheus text format, or OpenMetrics (with the energy exemplars) when the scraper
+    offers it in ``Accept`` (prometheus_client's own negotiation picks its version)."""
+    accept = request.headers.get("Accept", "")
+    if OPENMETRICS in accept:  # HOOK(tracing): exemplars need OpenMetrics
+        encoder, content_type = choose_encoder(accept)
+        if content_type.startswith(OPENMETRICS):
+            body = encoder(metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": content_type})
     return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -23,7 +23,16 @@ if TYPE_CHECKING:
     from proxy.app import Parts
 
 #: Config sections a SIGHUP reload does not apply (listeners, meter, ledger...): restart.
-RESTART_ONLY = ("listen", "meter", "attribution", "carbon", "ledger", "metrics", "admin_token_env")
+RESTART_ONLY = (
+    "listen",
+    "meter",
+    "attribution",
+    "carbon",
+    "ledger",
+    "metrics",
+    "admin_token_env",
+    "tracing",
+)
 
 
 async def apply_config(parts: Parts, new: Config) -> list[str]:
