@@ -34,6 +34,7 @@ from proxy.headers import REQUEST_DROP, client_request_id, filter_headers, reque
 from proxy.identity import Identity
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord, utc_now_iso
+from proxy.route_policy import RouteState, is_active
 from proxy.runtime import Live, Runtime
 from proxy.sessions import Sessions, UpstreamSession
 from proxy.streaming import (
@@ -81,8 +82,11 @@ class Forwarder:
         accountant: Accountant,
         metrics: Metrics,
         tracing: NullTracing | None = None,
+        routes: RouteState | None = None,
     ) -> None:
         self.live = live
+        #: carbon/energy-aware routing's state (None: ``Router.route`` alone decides)
+        self.routes = routes
         self.sessions = sessions
         self.accountant = accountant
         self.metrics = metrics
@@ -100,9 +104,14 @@ class Forwarder:
         if claimed:
             self._claimed.add(rid)
         task: str | None = None
+        routed: str | None = None  # the upstream counted in flight, for routing
         try:  # the target was checked by the app's middleware (check_target)
             who = rt.identity.resolve(request.headers)
-            upstream, plan, data = await self._read_and_route(request, rt)
+            upstream, plan, data, reason = await self._read_and_route(request, rt)
+            if reason is not None and self.routes is not None:
+                self.metrics.route_decisions.labels(upstream.name, reason).inc()
+                self.routes.begin(upstream.name)
+                routed = upstream.name
             task = task_for(
                 request.path,
                 upstream.tasks,
@@ -124,13 +133,17 @@ class Forwarder:
                 except BudgetExceeded as err:
                     self.metrics.budget_rejections.labels(err.extra.get("scope", "user")).inc()
                     raise
-            return await self._forward(request, rt, rid, who, upstream, task, plan, data, client_id)
+            return await self._forward(
+                request, rt, rid, who, upstream, task, plan, data, client_id, reason
+            )
         except ProxyError as err:  # rendered by the middleware, with these
             err.request_id, err.task = rid, task
             raise
         finally:
             if claimed:
                 self._claimed.discard(rid)
+            if routed is not None and self.routes is not None:
+                self.routes.end(routed)
 
     def in_flight(self, rid: str) -> bool:
         """A request with this id is being handled or accounted for (until its record is final)."""
@@ -138,7 +151,9 @@ class Forwarder:
 
     async def _read_and_route(
         self, request: web.Request, rt: Runtime
-    ) -> tuple[UpstreamConfig, RequestPlan, Any]:
+    ) -> tuple[UpstreamConfig, RequestPlan, Any, str | None]:
+        """The request's upstream, plan and body, and the routing policy's reason (None when
+        routing weighs nothing: ``Router.route`` decided)."""
         limit = rt.cfg.limits.max_body_bytes
         read_timeout_s = rt.cfg.listen.read_timeout_s
         if request.content_length is not None and request.content_length > limit:
@@ -172,7 +187,23 @@ class Forwarder:
                 plan.upload = upload_probe(request.headers.get("Content-Type", ""))
                 if plan.upload is not None:
                     data = observed(data, plan.upload)
-        upstream = router.route(path, plan.model)
+        reason: str | None = None
+        if self.routes is not None and is_active(rt.cfg.routing):
+            serving = router.serving(path, plan.model)
+            upstream = None
+            if serving:
+                upstream, reason = self.routes.decide(
+                    rt.cfg,
+                    serving,
+                    self.accountant.estimator,
+                    plan,
+                    data,
+                    path,
+                    request.method,
+                    rt.model_tasks,
+                )
+        else:
+            upstream = router.route(path, plan.model)
         if upstream is None:
             if not router.candidates(path):
                 raise NotFound(f"no upstream serves {path}")
@@ -181,7 +212,7 @@ class Forwarder:
             plan = plan_request(upstream.api, path, doc)  # the model chose another API
         if plan.body is not None:
             data = plan.body
-        return upstream, plan, data
+        return upstream, plan, data, reason
 
     def _upstream_headers(
         self, request: web.Request, rt: Runtime, upstream: UpstreamConfig, rid: str
@@ -211,6 +242,7 @@ class Forwarder:
         plan: RequestPlan,
         data: Any,
         client_id: str | None = None,
+        route_reason: str | None = None,
     ) -> web.StreamResponse:
         record = RequestRecord(
             request_id=rid,
@@ -226,6 +258,8 @@ class Forwarder:
         )
         if client_id is not None and client_id != rid:
             record.extra["client_request_id"] = client_id  # for the client's own correlation
+        if route_reason is not None:
+            record.extra["route_reason"] = route_reason
         self.tracing.start(record, request.headers, request.path)  # the request's span opens
         req = self.accountant.begin(
             record,
@@ -247,13 +281,28 @@ class Forwarder:
         try:
             try:
                 lease = self._lease(upstream)
-                resp = await self._send(request, rt, lease, upstream, rid, data)
+                if route_reason is not None and self.routes is not None:
+                    loop = asyncio.get_running_loop()
+                    sent_s = loop.time()
+                    resp = await self._send(request, rt, lease, upstream, rid, data)
+                    self.routes.first_byte(
+                        upstream.name, loop.time() - sent_s, rt.cfg.routing.first_byte_window
+                    )
+                else:
+                    resp = await self._send(request, rt, lease, upstream, rid, data)
             except ProxyError as err:
                 status, outcome = err.status, err.outcome
                 raise
             status = resp.status
             out, relay = await start_response(
-                request, resp, rid, task, upstream.api, plan, upstream.name in rt.counters
+                request,
+                resp,
+                rid,
+                task,
+                upstream.api,
+                plan,
+                upstream.name in rt.counters,
+                route_reason,
             )
             outcome = await relay_body(resp, out, self.accountant, req, relay)
             if outcome in BROKEN_OFF:
