@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from estimators.carbon import CarbonConfig
 from proxy.config import Config, UpstreamConfig, parse_config
+from proxy.demo_routing import run_routing_demo
 from proxy.errors import ConfigError
 from proxy.route_policy import upstream_carbon
 from proxy.routing import Candidate, RouteLimits, Router, choose
@@ -335,3 +336,15 @@ async def test_serve_first_policy_unchanged(aiohttp_server: Any, tmp_path: Path)
             text = await r.text()
     assert "route_reason" not in record
     assert "wattproxy_route_decisions_total{" not in text
+
+
+async def test_demo_traffic_follows_the_cleaner_grid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo: two zones' live intensities (a stand-in Electricity Maps) swap half way, and
+    every request of each half goes to the cleaner one."""
+    assert await run_routing_demo(tmp_path, requests=10) == 0
+    out = capsys.readouterr().out
+    assert "5 requests -> paris    (least_carbon)" in out
+    assert "5 requests -> warsaw   (least_carbon)" in out
+    assert out.index("paris    (least_carbon)") < out.index("warsaw   (least_carbon)")
