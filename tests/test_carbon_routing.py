@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
@@ -348,3 +350,42 @@ async def test_demo_traffic_follows_the_cleaner_grid(
     assert "5 requests -> paris    (least_carbon)" in out
     assert "5 requests -> warsaw   (least_carbon)" in out
     assert out.index("paris    (least_carbon)") < out.index("warsaw   (least_carbon)")
+
+
+async def test_serve_reload_with_new_intensities_moves_the_traffic(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A SIGHUP that gives the upstreams other intensities (new clocks) moves the traffic; the
+    policy itself changes live too (under a policy two upstreams may list the same model, so
+    going back to ``first`` is refused and the running config stays: not tried here)."""
+    dirty, clean = Upstream(), Upstream()
+    dirty_srv = await aiohttp_server(dirty.app())
+    clean_srv = await aiohttp_server(clean.app())
+    doc = _two_zones(str(dirty_srv.make_url("")), str(clean_srv.make_url("")), tmp_path)
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        assert (await _chat(s, served.base))[0] == "least_carbon"
+        assert (clean.served, dirty.served) == (1, 0)
+
+        doc["upstreams"][0]["carbon"]["intensity_g_per_kwh"] = 20  # "dirty" is now the clean one
+        served.config_path.write_text(yaml.safe_dump(doc))
+        served.proc.send_signal(signal.SIGHUP)
+        for _ in range(200):
+            await _chat(s, served.base)
+            if dirty.served:
+                break
+            await asyncio.sleep(0.05)
+        assert dirty.served == 1, served.output()
+        before = clean.served
+        assert (await _chat(s, served.base))[0] == "least_carbon"
+        assert clean.served == before and dirty.served == 2
+
+        # the policy changes live
+        doc["routing"] = {"policy": "least_energy"}
+        served.config_path.write_text(yaml.safe_dump(doc))
+        served.proc.send_signal(signal.SIGHUP)
+        for _ in range(200):
+            reason, _ = await _chat(s, served.base)
+            if reason == "least_energy":
+                break
+            await asyncio.sleep(0.05)
+        assert reason == "least_energy", served.output()
