@@ -190,6 +190,9 @@ class RoutingConfig(Section):
     max_first_byte_s: float | None = Field(None, gt=0)
     #: how many recent answers that mean is over
     first_byte_window: int = Field(20, ge=1)
+    #: longest a request with ``X-Wattproxy-Deferrable: <seconds>`` waits for a forecast
+    #: lower-intensity window (0: off, the header is ignored)
+    max_deferral_s: float = Field(0.0, ge=0)
 
 
 class LogConfig(Section):

@@ -8,13 +8,16 @@ aiohttp client errors are translated to ``proxy.errors`` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from estimators.carbon import deferral_s
 from estimators.estimator import RequestShape
 from proxy import energy_answer
 from proxy.accounting import Accountant
@@ -108,6 +111,7 @@ class Forwarder:
         try:  # the target was checked by the app's middleware (check_target)
             who = rt.identity.resolve(request.headers)
             upstream, plan, data, reason = await self._read_and_route(request, rt)
+            deferred_s = await self._defer(request, rt, upstream)
             if reason is not None and self.routes is not None:
                 self.metrics.route_decisions.labels(upstream.name, reason).inc()
                 self.routes.begin(upstream.name)
@@ -134,7 +138,7 @@ class Forwarder:
                     self.metrics.budget_rejections.labels(err.extra.get("scope", "user")).inc()
                     raise
             return await self._forward(
-                request, rt, rid, who, upstream, task, plan, data, client_id, reason
+                request, rt, rid, who, upstream, task, plan, data, client_id, reason, deferred_s
             )
         except ProxyError as err:  # rendered by the middleware, with these
             err.request_id, err.task = rid, task
@@ -144,6 +148,42 @@ class Forwarder:
                 self._claimed.discard(rid)
             if routed is not None and self.routes is not None:
                 self.routes.end(routed)
+
+    async def _defer(
+        self, request: web.Request, rt: Runtime, upstream: UpstreamConfig
+    ) -> float | None:
+        """Wait, when the request allows it (``X-Wattproxy-Deferrable: <seconds>``) and
+        ``routing.max_deferral_s`` is on, for the lowest forecast intensity window of the
+        upstream's zone that starts within the smaller of the two; the seconds waited, or None
+        when deferral does not apply. A provider without a forecast means no wait; the
+        forecast's own fetch counts towards the bound."""
+        max_s = rt.cfg.routing.max_deferral_s
+        raw = request.headers.get("X-Wattproxy-Deferrable")
+        if max_s <= 0 or raw is None or self.routes is None:
+            return None
+        try:
+            asked_s = float(raw)
+        except ValueError:
+            asked_s = -1.0
+        if not math.isfinite(asked_s) or asked_s < 0:
+            raise BadRequest(f"X-Wattproxy-Deferrable must be seconds >= 0, got {raw[:40]!r}")
+        bound_s = min(asked_s, max_s)
+        clock = self.routes.clock(upstream)
+        loop = asyncio.get_running_loop()
+        started_s = loop.time()
+        now = datetime.now(UTC)
+        try:
+            async with asyncio.timeout(bound_s):
+                forecast = await clock.forecast(now)
+        except TimeoutError:
+            forecast = None
+        if not forecast:
+            return 0.0
+        wait_s = deferral_s(clock.intensity.g_per_kwh, now, forecast, bound_s)
+        wait_s = max(0.0, wait_s - (loop.time() - started_s))
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        return wait_s
 
     def in_flight(self, rid: str) -> bool:
         """A request with this id is being handled or accounted for (until its record is final)."""
@@ -243,6 +283,7 @@ class Forwarder:
         data: Any,
         client_id: str | None = None,
         route_reason: str | None = None,
+        deferred_s: float | None = None,
     ) -> web.StreamResponse:
         record = RequestRecord(
             request_id=rid,
@@ -258,8 +299,13 @@ class Forwarder:
         )
         if client_id is not None and client_id != rid:
             record.extra["client_request_id"] = client_id  # for the client's own correlation
+        added: dict[str, str] = {}  # response headers of routing and deferral
         if route_reason is not None:
             record.extra["route_reason"] = route_reason
+            added["X-Wattproxy-Route-Reason"] = route_reason
+        if deferred_s is not None:
+            record.extra["deferred_s"] = round(deferred_s, 3)
+            added["X-Wattproxy-Deferred-S"] = f"{deferred_s:.3f}"
         self.tracing.start(record, request.headers, request.path)  # the request's span opens
         req = self.accountant.begin(
             record,
@@ -302,7 +348,7 @@ class Forwarder:
                 upstream.api,
                 plan,
                 upstream.name in rt.counters,
-                route_reason,
+                added,
             )
             outcome = await relay_body(resp, out, self.accountant, req, relay)
             if outcome in BROKEN_OFF:

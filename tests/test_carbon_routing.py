@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import signal
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,13 @@ from aiohttp import web
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
-from estimators.carbon import CarbonConfig
+from estimators.carbon import (
+    CarbonClock,
+    CarbonConfig,
+    Intensity,
+    UKCarbonIntensityProvider,
+    deferral_s,
+)
 from proxy.config import Config, UpstreamConfig, parse_config
 from proxy.demo_routing import run_routing_demo
 from proxy.errors import ConfigError
@@ -389,3 +396,145 @@ async def test_serve_reload_with_new_intensities_moves_the_traffic(
                 break
             await asyncio.sleep(0.05)
         assert reason == "least_energy", served.output()
+
+
+# -- deferral ------------------------------------------------------------------------------
+
+T0 = datetime(2026, 12, 3, 14, 0, tzinfo=UTC)
+
+
+def _w(offset_s: float, g: float) -> Intensity:
+    return Intensity(g, "GB", "test", T0 + timedelta(seconds=offset_s))
+
+
+DEFERRALS = [
+    # now g/kWh, forecast, bound -> seconds to wait
+    (300.0, [], 600, 0.0),
+    (300.0, [_w(0, 300), _w(1800, 350)], 3600, 0.0),  # nothing lower
+    (300.0, [_w(0, 300), _w(1800, 120)], 3600, 1800.0),
+    (300.0, [_w(0, 300), _w(1800, 120)], 1000, 0.0),  # the lower window starts past the bound
+    (300.0, [_w(900, 200), _w(1800, 120), _w(2700, 120)], 3600, 1800.0),  # lowest, earliest
+    (300.0, [_w(-600, 100)], 60, 0.0),  # a lower window already begun: no wait
+    (300.0, [Intensity(10, "GB", "test", None)], 60, 0.0),  # no time: ignored
+]
+
+
+@pytest.mark.parametrize(("now_g", "forecast", "bound_s", "wait_s"), DEFERRALS)
+def test_deferral_table(
+    now_g: float, forecast: list[Intensity], bound_s: float, wait_s: float
+) -> None:
+    assert deferral_s(now_g, T0, forecast, bound_s) == wait_s
+
+
+@seed(15)
+@settings(max_examples=200, deadline=None)
+@given(
+    st.floats(0, 1000),
+    st.lists(st.tuples(st.floats(-3600, 86400), st.floats(0, 1000)), max_size=8),
+    st.floats(0, 86400),
+)
+def test_deferral_property(now_g: float, windows: list[tuple[float, float]], bound: float) -> None:
+    """Never past the bound; a wait only for a window that is lower than now and starts then."""
+    wait = deferral_s(now_g, T0, [_w(o, g) for o, g in windows], bound)
+    assert 0 <= wait <= bound
+    if wait > 0:
+        # (timedelta keeps microseconds)
+        assert any(abs(max(0.0, o) - wait) < 1e-5 and g < now_g for o, g in windows)
+
+
+class UKGrid:
+    """A stand-in of the GB Carbon Intensity API: 300 g/kWh now, 100 from 3 s on (whole
+    seconds: 2 to 3 s from the proxy's now, as the proxy's fetch leaves it)."""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/intensity", self.now)
+        app.router.add_get("/intensity/{start}/fw24h", self.forecast)
+        return app
+
+    @staticmethod
+    def _period(start: datetime, g: int) -> dict[str, Any]:
+        stamp = start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {"from": stamp, "to": stamp, "intensity": {"forecast": g, "actual": None}}
+
+    async def now(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": [self._period(datetime.now(UTC), 300)]})
+
+    async def forecast(self, request: web.Request) -> web.Response:
+        now = datetime.now(UTC)
+        periods = [self._period(now, 300), self._period(now + timedelta(seconds=3), 100)]
+        return web.json_response({"data": periods})
+
+
+async def test_serve_deferral(aiohttp_server: Any, tmp_path: Path) -> None:
+    """With routing.max_deferral_s on, a deferrable request waits for the forecast's lower
+    window (within its header's bound) and says so; one that is not deferrable, or whose
+    bound is shorter than the wait, goes at once; a bad header is a 400."""
+    up = Upstream()
+    srv = await aiohttp_server(up.app())
+    grid = await aiohttp_server(UKGrid().app())
+    doc = base_config(
+        str(srv.make_url("")),
+        tmp_path,
+        carbon={"zone": "GB", "provider": "uk-carbon-intensity", "url": str(grid.make_url(""))},
+        routing={"max_deferral_s": 30},
+    )
+    doc["upstreams"][0]["models"] = ["m"]
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        url = served.base + "/v1/chat/completions"
+        async with s.post(url, json=CHAT, headers={"X-Wattproxy-Deferrable": "20"}) as r:
+            assert r.status == 200, await r.text()
+            waited = float(r.headers["X-Wattproxy-Deferred-S"])
+            rid = r.headers["X-Request-Id"]
+        assert 0 < waited <= 3.0
+        assert (await _record(s, served.base, rid))["deferred_s"] == round(waited, 3)
+        async with s.post(url, json=CHAT, headers={"X-Wattproxy-Deferrable": "0.5"}) as r:
+            assert r.status == 200 and r.headers["X-Wattproxy-Deferred-S"] == "0.000"
+        async with s.post(url, json=CHAT) as r:
+            assert r.status == 200 and "X-Wattproxy-Deferred-S" not in r.headers
+        async with s.post(url, json=CHAT, headers={"X-Wattproxy-Deferrable": "soon"}) as r:
+            assert r.status == 400
+            assert "X-Wattproxy-Deferrable" in (await r.json())["error"]["message"]
+
+
+async def test_serve_deferral_without_forecast_or_off(aiohttp_server: Any, tmp_path: Path) -> None:
+    """The static table gives no forecast: no wait. Off by default: the header is ignored."""
+    up = Upstream()
+    srv = await aiohttp_server(up.app())
+    doc = base_config(str(srv.make_url("")), tmp_path, routing={"max_deferral_s": 30})
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        url = served.base + "/v1/chat/completions"
+        async with s.post(url, json=CHAT, headers={"X-Wattproxy-Deferrable": "20"}) as r:
+            assert r.status == 200 and r.headers["X-Wattproxy-Deferred-S"] == "0.000"
+    doc = base_config(str(srv.make_url("")), tmp_path)
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        url = served.base + "/v1/chat/completions"
+        async with s.post(url, json=CHAT, headers={"X-Wattproxy-Deferrable": "soon"}) as r:
+            assert r.status == 200 and "X-Wattproxy-Deferred-S" not in r.headers
+
+
+async def test_uk_forecast_parse_and_failures(aiohttp_server: Any) -> None:
+    """The GB forecast's half hours become intensities at their start; another zone has none;
+    an answer without a data list gives the clock no forecast (logged), not an error."""
+    grid = await aiohttp_server(UKGrid().app())
+    provider = UKCarbonIntensityProvider(str(grid.make_url("")))
+    try:
+        now = datetime.now(UTC)
+        got = await provider.forecast("GB", now)
+        assert got is not None and [w.g_per_kwh for w in got] == [300.0, 100.0]
+        assert got[1].at is not None and got[1].at > now
+        assert await provider.forecast("FR", now) is None
+    finally:
+        await provider.close()
+
+    async def garbage(request: web.Request) -> web.Response:
+        return web.json_response({"data": "maintenance"})
+
+    bad_app = web.Application()
+    bad_app.router.add_get("/intensity/{start}/fw24h", garbage)
+    bad = await aiohttp_server(bad_app)
+    clock = CarbonClock(UKCarbonIntensityProvider(str(bad.make_url(""))), "GB")
+    try:
+        assert await clock.forecast(datetime.now(UTC)) is None
+    finally:
+        await clock.provider.close()
