@@ -111,7 +111,9 @@ class Forwarder:
         try:  # the target was checked by the app's middleware (check_target)
             who = rt.identity.resolve(request.headers)
             upstream, plan, data, reason = await self._read_and_route(request, rt)
-            deferred_s = await self._defer(request, rt, upstream)
+            deferred_s = None  # deferral off (the default): not even a coroutine made
+            if rt.cfg.routing.max_deferral_s > 0:
+                deferred_s = await self._defer(request, rt, upstream)
             if reason is not None and self.routes is not None:
                 self.metrics.route_decisions.labels(upstream.name, reason).inc()
                 self.routes.begin(upstream.name)
