@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from estimators.attribution import AttributionEngine, IdlePolicy, Weighting
-from estimators.carbon import CarbonClock, Intensity, build_provider
+from estimators.carbon import CarbonClock, CarbonConfig, Intensity, build_provider
 from estimators.errors import EstimatorError
 from estimators.estimator import Estimator
 from estimators.meters import LoadTracker, Meter, Sampler, SimulatedMeter, build_meter
@@ -39,6 +39,7 @@ from proxy.middleware import error_middleware
 from proxy.protocol import handler_args
 from proxy.records import RequestRecord
 from proxy.reports.api import Emissions, RecentRecords
+from proxy.route_policy import RouteState
 from proxy.runtime import Live, Runtime, build_runtime, load_counters, load_keys, model_tasks_of
 from proxy.sessions import Sessions
 from proxy.tokens import TokenCounter
@@ -74,6 +75,7 @@ class Parts:
     background: Background = field(default_factory=Background)
     budgets: Budgets | None = None
     tracing: NullTracing = field(default_factory=NullTracing)
+    routes: RouteState | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -101,20 +103,24 @@ class CurrentIdentity(IdentityResolver):
         return self._live.runtime.identity.allow_header_identity
 
 
-def _carbon_clock(cfg: Config, metrics: Metrics, environ: Mapping[str, str]) -> CarbonClock:
-    provider_name = cfg.carbon.provider
+def _carbon_clock(
+    carbon: CarbonConfig, metrics: Metrics, environ: Mapping[str, str], *, section: bool = True
+) -> CarbonClock:
+    """The clock of the ``carbon:`` section (``section``: it also sets the provider gauge), or
+    of an upstream's own zone (routing): each sets its zone's intensity gauge."""
+    provider_name = carbon.provider
 
     def on_update(intensity: Intensity) -> None:
         metrics.grid_intensity.labels(intensity.zone).set(intensity.g_per_kwh)
+        if not section:
+            return
         metrics.carbon_provider.clear()
         metrics.carbon_provider.labels(
             provider_name, intensity.zone, str(intensity.fallback).lower()
         ).set(1)
 
-    provider = build_provider(cfg.carbon, environ=environ)
-    return CarbonClock(
-        provider, cfg.carbon.zone, cfg.carbon.pue, cfg.carbon.refresh_s, on_update=on_update
-    )
+    provider = build_provider(carbon, environ=environ)
+    return CarbonClock(provider, carbon.zone, carbon.pue, carbon.refresh_s, on_update=on_update)
 
 
 def _estimator(cfg: Config) -> Estimator:
@@ -156,7 +162,7 @@ def build_parts(
     ledger = (
         ledger if ledger is not None else open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
     )
-    carbon = _carbon_clock(cfg, metrics, env)
+    carbon = _carbon_clock(cfg.carbon, metrics, env)
     # one for the process's life: a reload reconfigures it, holds of requests in flight stay
     budgets = Budgets(cfg.budgets, ledger, estimator=estimator, g_per_j=carbon.g_per_j)
     writer = LedgerWriter(
@@ -201,6 +207,8 @@ def build_parts(
     sampler = Sampler(meter, cfg.meter.interval_ms / 1000.0, accountant.on_reading)
     for device in meter.devices():
         metrics.meter_up.labels(device, meter.kind).set(0)
+    routes = RouteState(carbon, cfg.carbon, lambda c: _carbon_clock(c, metrics, env, section=False))
+    routes.ensure_clocks(cfg.upstreams)  # started with the others (``_lifecycle``)
     return Parts(
         live=live,
         metrics=metrics,
@@ -216,6 +224,7 @@ def build_parts(
         carbon=carbon,
         budgets=budgets,
         tracing=tracing,
+        routes=routes,
     )
 
 
@@ -233,10 +242,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     bg.spawn("ledger-writer", parts.writer.run())
     if parts.carbon is not None:
         bg.spawn("carbon-intensity", parts.carbon.run())
+    if parts.routes is not None:
+        for clock in parts.routes.extra_clocks():
+            bg.spawn(f"carbon-intensity-{clock.zone}", clock.run())
     yield
     await bg.cancel_all()
     if parts.carbon is not None:
         await parts.carbon.provider.close()
+    if parts.routes is not None:
+        for clock in parts.routes.extra_clocks():
+            await clock.provider.close()
     await parts.sessions.close_all()
     await parts.sampler.read_once()  # cover the last requests' ends
     parts.accountant.drain()
@@ -279,7 +294,12 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
         parts.ledger, parts.accountant, parts.recent, CurrentIdentity(live), admin_token
     )
     forwarder = Forwarder(
-        live, parts.sessions, parts.accountant, parts.metrics, tracing=parts.tracing
+        live,
+        parts.sessions,
+        parts.accountant,
+        parts.metrics,
+        tracing=parts.tracing,
+        routes=parts.routes,
     )
     app[FORWARDER] = forwarder
 

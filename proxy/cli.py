@@ -114,6 +114,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.scenario == "carbon-routing":
+        from proxy.demo_routing import run_routing_demo
+
+        return asyncio.run(run_routing_demo(Path(args.out), requests=args.requests))
     from proxy.demo import run_demo
 
     return asyncio.run(run_demo(Path(args.out), requests=args.requests, seed=args.seed))
@@ -200,6 +204,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-output", help="folder for the ledger and metrics")
     d.add_argument("--requests", type=int, default=150)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--scenario",
+        choices=("tasks", "carbon-routing"),
+        default="tasks",
+        help="tasks: mixed load of many tasks (default); carbon-routing: two upstreams in two "
+        "zones, traffic following the cleaner grid as the intensities change",
+    )
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="a user's emissions from the ledger")

@@ -56,6 +56,15 @@ class TimeoutsConfig(Section):
 Api = Literal["openai", "tgi", "tei", "ollama", "generic"]
 
 
+class UpstreamCarbonConfig(Section):
+    """An upstream's own grid zone, fixed intensity and PUE (for carbon-aware routing); an
+    unset key takes the ``carbon:`` section's value."""
+
+    zone: str | None = None
+    intensity_g_per_kwh: float | None = Field(None, ge=0)
+    pue: float | None = Field(None, ge=1.0, le=5.0)
+
+
 class UpstreamConfig(Section):
     name: str = "llm"
     url: str = "http://127.0.0.1:8000"
@@ -69,6 +78,8 @@ class UpstreamConfig(Section):
     ca_file: str | None = None
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     max_connections: int = Field(1000, ge=1)
+    #: this upstream's zone, intensity and PUE when routing.policy weighs carbon
+    carbon: UpstreamCarbonConfig | None = None
 
     @field_validator("url")
     @classmethod
@@ -169,6 +180,21 @@ class ResponseConfig(Section):
     energy_in_usage: bool = False
 
 
+class RoutingConfig(Section):
+    """Which of several upstreams serving a request's model answers it (``routing.choose``)."""
+
+    policy: Literal["first", "least_carbon", "least_energy"] = "first"
+    #: an upstream with this many requests in flight is skipped while another is not
+    max_in_flight: int | None = Field(None, ge=1)
+    #: an upstream whose recent mean time to response headers is past this is skipped
+    max_first_byte_s: float | None = Field(None, gt=0)
+    #: how many recent answers that mean is over
+    first_byte_window: int = Field(20, ge=1)
+    #: longest a request with ``X-Wattproxy-Deferrable: <seconds>`` waits for a forecast
+    #: lower-intensity window (0: off, the header is ignored)
+    max_deferral_s: float = Field(0.0, ge=0)
+
+
 class LogConfig(Section):
     access_log: bool = False
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -215,6 +241,7 @@ class Config(Section):
     health: HealthConfig = Field(default_factory=HealthConfig)
     response: ResponseConfig = Field(default_factory=ResponseConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
@@ -364,11 +391,19 @@ def parse_config(
 def _semantic_problems(cfg: Config) -> list[str]:
     """What a well-formed config can still get wrong: upstreams that can never be chosen, a
     carbon zone the static table lacks."""
-    problems = shadowed_upstreams(cfg.upstreams)
+    # under a carbon or energy policy several upstreams may list the same model on purpose
+    problems = shadowed_upstreams(cfg.upstreams) if cfg.routing.policy == "first" else []
     c = cfg.carbon
     zone_problem, _ = zone_findings(c.provider, c.zone, c.intensity_g_per_kwh)
     if zone_problem:
         problems.append(f"carbon.zone: {zone_problem}")
+    for n, upstream in enumerate(cfg.upstreams):
+        own = upstream.carbon
+        if own is not None and own.zone is not None:
+            fixed = own.intensity_g_per_kwh
+            found, _ = zone_findings(c.provider, own.zone, fixed if fixed is not None else None)
+            if found:
+                problems.append(f"upstreams.{n}.carbon.zone: {found}")
     return problems
 
 

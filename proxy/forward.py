@@ -8,13 +8,16 @@ aiohttp client errors are translated to ``proxy.errors`` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from estimators.carbon import deferral_s
 from estimators.estimator import RequestShape
 from proxy import energy_answer
 from proxy.accounting import Accountant
@@ -34,6 +37,7 @@ from proxy.headers import REQUEST_DROP, client_request_id, filter_headers, reque
 from proxy.identity import Identity
 from proxy.metrics import Metrics
 from proxy.records import RequestRecord, utc_now_iso
+from proxy.route_policy import RouteState, is_active
 from proxy.runtime import Live, Runtime
 from proxy.sessions import Sessions, UpstreamSession
 from proxy.streaming import (
@@ -81,8 +85,11 @@ class Forwarder:
         accountant: Accountant,
         metrics: Metrics,
         tracing: NullTracing | None = None,
+        routes: RouteState | None = None,
     ) -> None:
         self.live = live
+        #: carbon/energy-aware routing's state (None: ``Router.route`` alone decides)
+        self.routes = routes
         self.sessions = sessions
         self.accountant = accountant
         self.metrics = metrics
@@ -100,9 +107,17 @@ class Forwarder:
         if claimed:
             self._claimed.add(rid)
         task: str | None = None
+        routed: str | None = None  # the upstream counted in flight, for routing
         try:  # the target was checked by the app's middleware (check_target)
             who = rt.identity.resolve(request.headers)
-            upstream, plan, data = await self._read_and_route(request, rt)
+            upstream, plan, data, reason = await self._read_and_route(request, rt)
+            deferred_s = None  # deferral off (the default): not even a coroutine made
+            if rt.cfg.routing.max_deferral_s > 0:
+                deferred_s = await self._defer(request, rt, upstream)
+            if reason is not None and self.routes is not None:
+                self.metrics.route_decisions.labels(upstream.name, reason).inc()
+                self.routes.begin(upstream.name)
+                routed = upstream.name
             task = task_for(
                 request.path,
                 upstream.tasks,
@@ -124,13 +139,53 @@ class Forwarder:
                 except BudgetExceeded as err:
                     self.metrics.budget_rejections.labels(err.extra.get("scope", "user")).inc()
                     raise
-            return await self._forward(request, rt, rid, who, upstream, task, plan, data, client_id)
+            return await self._forward(
+                request, rt, rid, who, upstream, task, plan, data, client_id, reason, deferred_s
+            )
         except ProxyError as err:  # rendered by the middleware, with these
             err.request_id, err.task = rid, task
             raise
         finally:
             if claimed:
                 self._claimed.discard(rid)
+            if routed is not None and self.routes is not None:
+                self.routes.end(routed)
+
+    async def _defer(
+        self, request: web.Request, rt: Runtime, upstream: UpstreamConfig
+    ) -> float | None:
+        """Wait, when the request allows it (``X-Wattproxy-Deferrable: <seconds>``) and
+        ``routing.max_deferral_s`` is on, for the lowest forecast intensity window of the
+        upstream's zone that starts within the smaller of the two; the seconds waited, or None
+        when deferral does not apply. A provider without a forecast means no wait; the
+        forecast's own fetch counts towards the bound."""
+        max_s = rt.cfg.routing.max_deferral_s
+        raw = request.headers.get("X-Wattproxy-Deferrable")
+        if max_s <= 0 or raw is None or self.routes is None:
+            return None
+        try:
+            asked_s = float(raw)
+        except ValueError:
+            asked_s = -1.0
+        if not math.isfinite(asked_s) or asked_s < 0:
+            raise BadRequest(f"X-Wattproxy-Deferrable must be seconds >= 0, got {raw[:40]!r}")
+        bound_s = min(asked_s, max_s)
+        clock = self.routes.clock(upstream)
+        loop = asyncio.get_running_loop()
+        started_s = loop.time()
+        now = datetime.now(UTC)
+        try:
+            async with asyncio.timeout(bound_s):
+                forecast = await clock.forecast(now)
+        except TimeoutError:
+            forecast = None
+        if not forecast:
+            return 0.0
+        wait_s = deferral_s(clock.intensity.g_per_kwh, now, forecast, bound_s)
+        wait_s = max(0.0, wait_s - (loop.time() - started_s))
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        return wait_s
 
     def in_flight(self, rid: str) -> bool:
         """A request with this id is being handled or accounted for (until its record is final)."""
@@ -138,7 +193,9 @@ class Forwarder:
 
     async def _read_and_route(
         self, request: web.Request, rt: Runtime
-    ) -> tuple[UpstreamConfig, RequestPlan, Any]:
+    ) -> tuple[UpstreamConfig, RequestPlan, Any, str | None]:
+        """The request's upstream, plan and body, and the routing policy's reason (None when
+        routing weighs nothing: ``Router.route`` decided)."""
         limit = rt.cfg.limits.max_body_bytes
         read_timeout_s = rt.cfg.listen.read_timeout_s
         if request.content_length is not None and request.content_length > limit:
@@ -172,7 +229,23 @@ class Forwarder:
                 plan.upload = upload_probe(request.headers.get("Content-Type", ""))
                 if plan.upload is not None:
                     data = observed(data, plan.upload)
-        upstream = router.route(path, plan.model)
+        reason: str | None = None
+        if self.routes is not None and is_active(rt.cfg.routing):
+            serving = router.serving(path, plan.model)
+            upstream = None
+            if serving:
+                upstream, reason = self.routes.decide(
+                    rt.cfg,
+                    serving,
+                    self.accountant.estimator,
+                    plan,
+                    data,
+                    path,
+                    request.method,
+                    rt.model_tasks,
+                )
+        else:
+            upstream = router.route(path, plan.model)
         if upstream is None:
             if not router.candidates(path):
                 raise NotFound(f"no upstream serves {path}")
@@ -181,7 +254,7 @@ class Forwarder:
             plan = plan_request(upstream.api, path, doc)  # the model chose another API
         if plan.body is not None:
             data = plan.body
-        return upstream, plan, data
+        return upstream, plan, data, reason
 
     def _upstream_headers(
         self, request: web.Request, rt: Runtime, upstream: UpstreamConfig, rid: str
@@ -211,6 +284,8 @@ class Forwarder:
         plan: RequestPlan,
         data: Any,
         client_id: str | None = None,
+        route_reason: str | None = None,
+        deferred_s: float | None = None,
     ) -> web.StreamResponse:
         record = RequestRecord(
             request_id=rid,
@@ -226,6 +301,13 @@ class Forwarder:
         )
         if client_id is not None and client_id != rid:
             record.extra["client_request_id"] = client_id  # for the client's own correlation
+        added: dict[str, str] = {}  # response headers of routing and deferral
+        if route_reason is not None:
+            record.extra["route_reason"] = route_reason
+            added["X-Wattproxy-Route-Reason"] = route_reason
+        if deferred_s is not None:
+            record.extra["deferred_s"] = round(deferred_s, 3)
+            added["X-Wattproxy-Deferred-S"] = f"{deferred_s:.3f}"
         self.tracing.start(record, request.headers, request.path)  # the request's span opens
         req = self.accountant.begin(
             record,
@@ -247,13 +329,28 @@ class Forwarder:
         try:
             try:
                 lease = self._lease(upstream)
-                resp = await self._send(request, rt, lease, upstream, rid, data)
+                if route_reason is not None and self.routes is not None:
+                    loop = asyncio.get_running_loop()
+                    sent_s = loop.time()
+                    resp = await self._send(request, rt, lease, upstream, rid, data)
+                    self.routes.first_byte(
+                        upstream.name, loop.time() - sent_s, rt.cfg.routing.first_byte_window
+                    )
+                else:
+                    resp = await self._send(request, rt, lease, upstream, rid, data)
             except ProxyError as err:
                 status, outcome = err.status, err.outcome
                 raise
             status = resp.status
             out, relay = await start_response(
-                request, resp, rid, task, upstream.api, plan, upstream.name in rt.counters
+                request,
+                resp,
+                rid,
+                task,
+                upstream.api,
+                plan,
+                upstream.name in rt.counters,
+                added,
             )
             outcome = await relay_body(resp, out, self.accountant, req, relay)
             if outcome in BROKEN_OFF:

@@ -227,6 +227,14 @@ class Metrics:
             ("upstream", "outcome"),
             registry=r,
         )
+        self.route_decisions = Counter(
+            "wattproxy_route_decisions",
+            "Routing decisions under routing.policy (or its limits), by the upstream chosen and "
+            "why: only, first, least_carbon, least_energy, skipped_busy:<name>, "
+            "skipped_slow:<name>, all_busy.",
+            ("upstream", "reason"),
+            registry=r,
+        )
         self.budget_rejections = Counter(
             "wattproxy_budget_rejections",
             "Requests refused for an exhausted carbon budget.",

@@ -73,4 +73,7 @@ async def apply_config(parts: Parts, new: Config) -> list[str]:
         cfg, keys, parts.environ, budgets, sessions, loaded, model_tasks
     )
     parts.sessions.retire(s for s in rt.sessions.values() if s not in sessions.values())
+    if parts.routes is not None:  # a zone an upstream names anew gets its clock running
+        for clock in parts.routes.ensure_clocks(cfg.upstreams):
+            parts.background.spawn(f"carbon-intensity-{clock.zone}", clock.run())
     return needs_restart

@@ -11,7 +11,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # config.py checks routing at load time: no import cycle at run time
     from proxy.config import UpstreamConfig
@@ -67,10 +67,99 @@ class Router:
                 return upstream
         return None
 
+    def serving(self, path: str, model: str | None) -> list[UpstreamConfig]:
+        """Every upstream that could answer ``path`` and ``model``, in ``route``'s order of
+        preference (its choice first), for a routing policy to choose among."""
+        candidates = self.candidates(path)
+        if not candidates:
+            return []
+        if model is None:
+            wildcard = [u for u in candidates if "*" in u.models]
+            return wildcard or candidates[:1]
+        exact = [u for u in candidates if model in u.models]
+        return exact + [u for u in candidates if model not in u.models and _serves(u, model)]
+
     def needs_model(self, path: str) -> bool:
         """Whether routing ``path`` depends on the body's model (several candidates or a filter)."""
         candidates = self.candidates(path)
         return len(candidates) > 1 or any(u.models != ["*"] for u in candidates)
+
+
+Policy = Literal["first", "least_carbon", "least_energy"]
+
+#: joules per kWh
+J_PER_KWH = 3.6e6
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An upstream that serves the request, with what a policy weighs."""
+
+    name: str
+    #: the request's expected energy on this upstream (calibration, else estimate)
+    expected_j: float
+    #: its zone's grid intensity now
+    g_per_kwh: float
+    pue: float
+    in_flight: int
+    #: its recent mean time to response headers; None before its first answer
+    first_byte_s: float | None = None
+
+    @property
+    def facility_j(self) -> float:
+        return self.expected_j * self.pue
+
+    @property
+    def expected_g(self) -> float:
+        return self.facility_j * self.g_per_kwh / J_PER_KWH
+
+
+@dataclass(frozen=True, slots=True)
+class RouteLimits:
+    """Past these an upstream is skipped while another is within them (None: no limit)."""
+
+    max_in_flight: int | None = None
+    max_first_byte_s: float | None = None
+
+
+def _over(c: Candidate, limits: RouteLimits) -> str | None:
+    if limits.max_in_flight is not None and c.in_flight >= limits.max_in_flight:
+        return "busy"
+    if (
+        limits.max_first_byte_s is not None
+        and c.first_byte_s is not None
+        and c.first_byte_s > limits.max_first_byte_s
+    ):
+        return "slow"
+    return None
+
+
+def choose(candidates: Sequence[Candidate], policy: Policy, limits: RouteLimits) -> tuple[int, str]:
+    """The index of the candidate to route to, and why.
+
+    Candidates come in the router's order (the first is what ``first`` routing picks). One
+    past a limit is skipped while another is within them; the reason then names each skipped
+    one (``skipped_busy:a``, ``skipped_slow:b``, comma-joined). When every one is past a limit
+    none is skipped (``all_busy``). Otherwise the reason is ``only`` (one candidate) or the
+    policy. ``least_carbon`` takes the lowest expected grams (J x PUE x intensity),
+    ``least_energy`` the lowest facility joules (J x PUE); ties keep the router's order.
+    """
+    if not candidates:
+        raise ValueError("choose: no candidates")
+    if len(candidates) == 1:
+        return 0, "only"
+    over = [_over(c, limits) for c in candidates]
+    eligible = [i for i, o in enumerate(over) if o is None]
+    skipped = [f"skipped_{o}:{c.name}" for c, o in zip(candidates, over, strict=True) if o]
+    if not eligible:
+        eligible, skipped = list(range(len(candidates))), ["all_busy"]
+    if policy == "least_carbon":
+        chosen = min(eligible, key=lambda i: (candidates[i].expected_g, i))
+    elif policy == "least_energy":
+        chosen = min(eligible, key=lambda i: (candidates[i].facility_j, i))
+    else:
+        chosen = eligible[0]
+    return chosen, ",".join(skipped) if skipped else policy
 
 
 def _same_prefix(upstream: UpstreamConfig) -> str:

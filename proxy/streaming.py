@@ -67,12 +67,15 @@ async def start_response(
     api: str,
     plan: RequestPlan,
     collect_text: bool,
+    added_headers: dict[str, str] | None = None,
 ) -> tuple[web.StreamResponse, Relay]:
     """Send the client the upstream's response head (hop-by-hop headers dropped, the request id
     and task added) and choose how its body is parsed for usage.
 
     Args:
         collect_text: keep the generated text, for a tokenizer to count.
+        added_headers: the proxy's own headers for this answer (routing's reason, deferral);
+            none under the defaults.
     """
     ctype = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     encoded = resp.headers.get("Content-Encoding", "identity").lower() != "identity"
@@ -93,6 +96,8 @@ async def start_response(
         out.content_length = resp.content_length
     out.headers["X-Request-Id"] = rid
     out.headers["X-Wattproxy-Task"] = task
+    if added_headers:
+        out.headers.update(added_headers)
     await out.prepare(request)
     header_usage: Usage | None = None
     try:

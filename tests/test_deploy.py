@@ -70,6 +70,7 @@ EXTRA_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "wattproxy_attributed_energy_joules_total": ("counter", ("device",)),
     "wattproxy_carbon_provider_info": ("gauge", ("provider", "zone", "fallback")),
     "wattproxy_request_outcomes_total": ("counter", ("upstream", "outcome")),
+    "wattproxy_route_decisions_total": ("counter", ("upstream", "reason")),
 }
 
 #: Labels Prometheus adds to every scraped series.

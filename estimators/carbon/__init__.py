@@ -5,6 +5,7 @@ that holds the current figure for the sampler."""
 from estimators.carbon.base import Intensity, IntensityProvider
 from estimators.carbon.clock import CarbonClock, LiveProvider, fallback_intensity
 from estimators.carbon.config import CarbonConfig
+from estimators.carbon.deferral import deferral_s
 from estimators.carbon.electricitymaps import ElectricityMapsProvider
 from estimators.carbon.factory import build_provider, zone_findings
 from estimators.carbon.table import StaticIntensity, table_intensity
@@ -22,6 +23,7 @@ __all__ = [
     "UKCarbonIntensityProvider",
     "WattTimeProvider",
     "build_provider",
+    "deferral_s",
     "fallback_intensity",
     "table_intensity",
     "zone_findings",

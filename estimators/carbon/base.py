@@ -38,5 +38,10 @@ class IntensityProvider(abc.ABC):
     async def current(self, zone: str) -> Intensity:
         """The intensity now. Raises ``CarbonError`` on failure."""
 
+    async def forecast(self, zone: str, now: datetime) -> list[Intensity] | None:
+        """Forecast figures from ``now`` on, each ``at`` the start of its window, or None when
+        the provider gives no forecast. Raises ``CarbonError`` on failure."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release HTTP sessions."""

@@ -257,6 +257,15 @@ class CarbonClock:
         self._set(intensity)
         return intensity
 
+    async def forecast(self, now: datetime) -> list[Intensity] | None:
+        """The provider's forecast for this zone from ``now`` on; None when it gives none or
+        fails (logged): no forecast, no deferral."""
+        try:
+            return await self.provider.forecast(self.zone, now)
+        except CarbonError as e:
+            log.warning("carbon forecast for %s: %s; not deferring", self.zone, e)
+            return None
+
     async def run(self) -> None:
         """Refresh now and every ``refresh_s`` until cancelled; errors are logged, not raised."""
         while True:

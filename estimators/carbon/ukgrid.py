@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from estimators.carbon.base import Intensity
@@ -16,6 +17,7 @@ from estimators.errors import CarbonError
 
 #: Zone codes this provider answers for; any other zone gets the table.
 ZONES = frozenset(("GB", "UK"))
+_JSON = {"Accept": "application/json"}
 
 
 def table_zone(zone: str) -> str:
@@ -38,7 +40,7 @@ class UKCarbonIntensityProvider(LiveProvider):
     async def fetch(self, zone: str) -> Intensity:
         if zone.upper() not in ZONES:
             raise CarbonError(f"covers Great Britain only (zone GB), not {zone!r}")
-        data = await self.get_json("/intensity", headers={"Accept": "application/json"})
+        data = await self.get_json("/intensity", headers=_JSON)
         try:
             period = data["data"][0]
             figures = period["intensity"]
@@ -50,3 +52,22 @@ class UKCarbonIntensityProvider(LiveProvider):
         value = g_per_kwh_value(figures.get(kind), f"intensity.{kind}")
         at = parse_utc(period.get("from")) if isinstance(period, dict) else None
         return Intensity(value, zone.upper(), f"{self.name} {kind}", at)
+
+    async def forecast(self, zone: str, now: datetime) -> list[Intensity] | None:
+        """The half hours of the next 24 h (``/intensity/{from}/fw24h``), by their forecast."""
+        if zone.upper() not in ZONES:
+            return None
+        start = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
+        data = await self.get_json(f"/intensity/{start}/fw24h", headers=_JSON)
+        periods = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(periods, list):
+            raise CarbonError("unexpected forecast: no data list")
+        out = []
+        for period in periods:
+            figures = period.get("intensity") if isinstance(period, dict) else None
+            at = parse_utc(period.get("from")) if isinstance(period, dict) else None
+            if not isinstance(figures, dict) or at is None:
+                continue
+            value = g_per_kwh_value(figures.get("forecast"), "intensity.forecast")
+            out.append(Intensity(value, zone.upper(), f"{self.name} forecast", at))
+        return out
