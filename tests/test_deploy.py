@@ -70,6 +70,10 @@ EXTRA_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "wattproxy_attributed_energy_joules_total": ("counter", ("device",)),
     "wattproxy_carbon_provider_info": ("gauge", ("provider", "zone", "fallback")),
     "wattproxy_request_outcomes_total": ("counter", ("upstream", "outcome")),
+    "wattproxy_embodied_co2e_grams_total": ("counter", ("upstream", "model", "task")),
+    "wattproxy_device_embodied_co2e_grams_total": ("counter", ("device",)),
+    "wattproxy_unattributed_embodied_co2e_grams_total": ("counter", ("device",)),
+    "wattproxy_water_litres_total": ("counter", ("upstream", "model", "task")),
 }
 
 #: Labels Prometheus adds to every scraped series.
