@@ -6,8 +6,12 @@ grams and litres, /metrics conserves embodied grams per device, the user report 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
 import time
+from dataclasses import replace
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +29,10 @@ from estimators.embodied import (
     water_l_per_j,
 )
 from estimators.meters import MeterConfig
+from proxy.ledger.base import AggregateRow
+from proxy.reports import build_report, render_html, report_csv, report_table
 from proxy.standins import StandIn
-from tests.helpers.serve import base_config, serve_process
+from tests.helpers.serve import ROOT, WATTPROXY, base_config, serve_process
 
 # -- the pure split ----------------------------------------------------------------------------
 
@@ -235,6 +241,16 @@ async def test_serve_charges_embodied_and_water(aiohttp_server: Any, tmp_path: P
         async with s.get(base + "/metrics") as r:
             metrics = await r.text()
         elapsed_s = time.monotonic() - launched  # the device's sampled time is within it
+        deadline = time.monotonic() + 30
+        while True:  # the ledger's aggregates catch up with the records (bounded wait)
+            async with s.get(base + "/v1/emissions/users/dana") as r:
+                report = await r.json()
+            if report["totals"]["requests"] == 3:
+                break
+            assert time.monotonic() < deadline, report
+            await asyncio.sleep(0.05)
+        async with s.get(base + "/v1/emissions/users/dana", headers={"Accept": "text/csv"}) as r:
+            csv_text = await r.text()
     for rec in records:
         assert rec["embodied_co2e_g"] > 0
         assert rec["water_l"] > 0
@@ -250,3 +266,59 @@ async def test_serve_charges_embodied_and_water(aiohttp_server: Any, tmp_path: P
     assert _sum(metrics, "wattproxy_water_litres_total") == pytest.approx(
         sum(r["water_l"] for r in records), rel=1e-6
     )
+    totals = report["totals"]
+    assert totals["embodied_co2e_g"] == pytest.approx(attributed, rel=1e-6)
+    assert totals["water_l"] == pytest.approx(sum(r["water_l"] for r in records), rel=1e-6)
+    assert sum(g["embodied_co2e_g"] for g in report["groups"]) == pytest.approx(
+        attributed, rel=1e-6
+    )
+    assert csv_text.splitlines()[0].endswith(",embodied_co2e_g,water_l")
+    # the HTML page and the terminal table of `wattproxy report`, from the same ledger
+    html, table = (
+        subprocess.run(
+            [
+                *WATTPROXY,
+                "report",
+                "--config",
+                str(served.config_path),
+                *("--user", "dana"),
+                "--format",
+                fmt,
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            check=True,
+        ).stdout
+        for fmt in ("html", "table")
+    )
+    assert 'class="bar-embodied"' in html and "Embodied CO2e" in html
+    assert "embodied (manufacturing)" in html  # the chart's series, in its legend
+    assert "not configured" not in html
+    assert "embodied_g" in table and "water_L" in table
+
+
+def test_report_says_not_configured_rather_than_zero() -> None:
+    """Rows of requests without figures give ``null`` embodied and water in the report's
+    totals and groups, ``-`` in the table and "not configured" on the page, never 0; rows with
+    figures give their sums, and the page's chart draws the embodied series."""
+    bare = AggregateRow(
+        "2026-11-29", "u", None, "text-generation", "m", "llm", 2, 10.0, 0.1, 1, 2, 10.0
+    )
+    start = end = date(2026, 11, 29)
+    report = build_report("u", start, end, [bare])
+    assert report["totals"]["embodied_co2e_g"] is None
+    assert report["totals"]["water_l"] is None
+    assert report["groups"][0]["embodied_co2e_g"] is None
+    assert report["totals"]["co2e_g"] == pytest.approx(0.1)  # existing fields unchanged
+    assert "-" in report_table(report).splitlines()[-2]
+    assert report_csv(report).splitlines()[-1].endswith(",,")
+    page = render_html(report, [bare])
+    assert "not configured" in page and 'class="bar-embodied"' not in page
+    known = replace(bare, embodied_co2e_g=0.4, embodied_requests=2, water_l=0.002, water_requests=2)
+    report = build_report("u", start, end, [known])
+    assert report["totals"]["embodied_co2e_g"] == pytest.approx(0.4)
+    assert report["totals"]["water_l"] == pytest.approx(0.002)
+    page = render_html(report, [known])
+    assert 'data-series="embodied" data-co2e-g="0.4"' in page
