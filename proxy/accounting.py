@@ -22,8 +22,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from estimators.attribution import AttributionEngine, Flight, IntervalSplit, Linger, abort_linger
-from estimators.embodied import EmbodiedSplit
+from estimators.attribution import (
+    AttributionEngine,
+    Flight,
+    Linger,
+    SampleOutcome,
+    abort_linger,
+)
 from estimators.estimator import LLM_TASKS, Estimator, RequestShape
 from estimators.meters import Reading
 from proxy.finalize import ABORTED, MEASURED, finalize, no_work
@@ -49,15 +54,7 @@ class Observer(Protocol):
 
     def observe_end(self, record: RequestRecord) -> None: ...
 
-    def observe_reading(
-        self,
-        device: str,
-        kind: str,
-        delta_j: float,
-        split: IntervalSplit,
-        power_w: float | None,
-        embodied: EmbodiedSplit | None = None,
-    ) -> None: ...
+    def observe_reading(self, kind: str, sample: SampleOutcome, power_w: float | None) -> None: ...
 
     def observe_meter_error(self, device: str, kind: str) -> None: ...
 
@@ -82,15 +79,7 @@ class NoObserver:
     def observe_end(self, record: RequestRecord) -> None:
         pass
 
-    def observe_reading(
-        self,
-        device: str,
-        kind: str,
-        delta_j: float,
-        split: IntervalSplit,
-        power_w: float | None,
-        embodied: EmbodiedSplit | None = None,
-    ) -> None:
+    def observe_reading(self, kind: str, sample: SampleOutcome, power_w: float | None) -> None:
         pass
 
     def observe_meter_error(self, device: str, kind: str) -> None:
@@ -312,14 +301,7 @@ class Accountant:
             self._last_energy_j[device] = total_j
             delta_j = 0.0 if last is None or total_j < last else total_j - last
             outcome, finals = self.engine.sample(device, t, delta_j, g_per_j)
-            observer.observe_reading(
-                device,
-                self.meter_kind,
-                delta_j,
-                outcome.split,
-                reading.power_w.get(device),
-                outcome.embodied,
-            )
+            observer.observe_reading(self.meter_kind, outcome, reading.power_w.get(device))
             self._finalize_flights(finals)
         for device, reason in reading.errors.items():
             observer.observe_meter_error(device, self.meter_kind)

@@ -17,8 +17,7 @@ from proxy.tasks import OTHER as OTHER_TASK
 from proxy.tracing import exemplar
 
 if TYPE_CHECKING:
-    from estimators.attribution import IntervalSplit
-    from estimators.embodied import EmbodiedSplit
+    from estimators.attribution import SampleOutcome
     from proxy.records import RequestRecord
 
 OTHER = "_other"
@@ -349,20 +348,13 @@ class Metrics:
             # the trace id as exemplar (rendered in OpenMetrics only)
             self.request_energy.labels(record.task).observe(record.energy_j, exemplar(record))
 
-    def observe_reading(
-        self,
-        device: str,
-        kind: str,
-        delta_j: float,
-        split: IntervalSplit,
-        power_w: float | None,
-        embodied: EmbodiedSplit | None = None,
-    ) -> None:
-        """One device's meter reading: the energy it measured since the last one
-        (``delta_j``) and how the attribution engine split it (and its embodied grams)."""
+    def observe_reading(self, kind: str, sample: SampleOutcome, power_w: float | None) -> None:
+        """One device's meter reading: the energy it measured since the last one and how the
+        attribution engine split it (and its embodied grams)."""
+        device, split, embodied = sample.device, sample.split, sample.embodied
         self.meter_up.labels(device, kind).set(1)
-        if delta_j:
-            self.device_energy.labels(device).inc(delta_j)
+        if sample.energy_j:
+            self.device_energy.labels(device).inc(sample.energy_j)
         attributed = sum(split.attributed_j.values())
         if attributed:
             self.attributed_energy.labels(device).inc(attributed)

@@ -32,7 +32,7 @@ from estimators.meters import MeterConfig
 from proxy.ledger.base import AggregateRow
 from proxy.reports import build_report, render_html, report_csv, report_table
 from proxy.standins import StandIn
-from tests.helpers.serve import ROOT, WATTPROXY, base_config, serve_process
+from tests.helpers.serve import ROOT, WATTPROXY, base_config, final_record, serve_process
 
 # -- the pure split ----------------------------------------------------------------------------
 
@@ -199,17 +199,6 @@ RATE_G_PER_S = EMBODIED_KG * 1000.0 / (LIFETIME_Y * SECONDS_PER_YEAR)
 CHAT = {"model": "llama", "messages": [{"role": "user", "content": "one two three four"}]}
 
 
-async def _final(s: aiohttp.ClientSession, base: str, rid: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 30  # bounded wait, not a timed assertion
-    while True:
-        async with s.get(f"{base}/v1/emissions/requests/{rid}") as r:
-            doc: dict[str, Any] = await r.json()
-        if r.status == 200 and doc["final"]:
-            return doc
-        assert time.monotonic() < deadline, f"record {rid} never became final: {doc}"
-        await asyncio.sleep(0.05)
-
-
 def _sum(text: str, family: str, **labels: str) -> float:
     total = 0.0
     for m in re.finditer(rf"^{family}(\{{[^}}]*\}})? (\S+)$", text, re.M):
@@ -237,7 +226,7 @@ async def test_serve_charges_embodied_and_water(aiohttp_server: Any, tmp_path: P
                 assert r.status == 200, await r.text()
                 await r.read()
                 rids.append(r.headers["X-Request-Id"])
-        records = [await _final(s, base, rid) for rid in rids]
+        records = [await final_record(s, base, rid) for rid in rids]
         async with s.get(base + "/metrics") as r:
             metrics = await r.text()
         elapsed_s = time.monotonic() - launched  # the device's sampled time is within it
