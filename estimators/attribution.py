@@ -27,6 +27,8 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from estimators.embodied import EmbodiedSplit, split_embodied
+
 #: Prefill speed assumed while a request has not sent its first byte (prompt tokens per second,
 #: batched prefill on a datacenter GPU); only how an unfinished prefill is spread depends on it.
 ASSUMED_PREFILL_TOKENS_PER_S = 5000.0
@@ -172,6 +174,8 @@ class Flight:
     last_token_s: float | None = None
     energy_j: float = 0.0
     co2e_g: float = 0.0
+    #: embodied grams charged so far; ``None`` when none of its devices has embodied figures
+    embodied_g: float | None = None
     # per device: decoded tokens already weighed, and whether that device has covered the end
     _tokens_weighed: dict[str, float] = field(default_factory=dict)
     _prefill_weighed: dict[str, float] = field(default_factory=dict)
@@ -196,6 +200,9 @@ class DeviceTotals:
     attributed_j: float = 0.0
     idle_j: float = 0.0
     no_requests_j: float = 0.0
+    embodied_g: float = 0.0  # rate x seconds between its first and latest sample
+    attributed_embodied_g: float = 0.0
+    unattributed_embodied_g: float = 0.0
     last_sample_s: float | None = None
     idle_power_w: float | None = None  # learned from quiet intervals under ``idle_watts: auto``
     min_power_w: float | None = None
@@ -212,6 +219,7 @@ class SampleOutcome:
     device: str
     energy_j: float
     split: IntervalSplit
+    embodied: EmbodiedSplit | None = None
 
 
 #: Weight of a quiet interval in the learned idle power (exponential moving average).
@@ -257,8 +265,11 @@ class AttributionEngine:
         weighting: Weighting = Weighting.WORK,
         idle: IdlePolicy = IdlePolicy.EXCLUDE,
         idle_power_w: float | None = None,
+        embodied_g_per_s: Mapping[str, float] | None = None,
     ) -> None:
         self.weighting = weighting
+        #: per device: embodied grams per second of its life (devices without figures absent)
+        self.embodied_g_per_s = dict(embodied_g_per_s or {})
         self.idle = idle
         self.fixed_idle_power_w = idle_power_w
         self.devices: dict[str, DeviceTotals] = {}
@@ -274,6 +285,8 @@ class AttributionEngine:
         devs = tuple(dict.fromkeys(devices))
         flight = Flight(request_id, devs, t_s, profile)
         flight._open_on = set(devs)
+        if any(d in self.embodied_g_per_s for d in devs):
+            flight.embodied_g = 0.0
         self._flights[request_id] = flight
         for device in devs:
             self._on_device.setdefault(device, {})[request_id] = flight
@@ -366,7 +379,36 @@ class AttributionEngine:
             flight.energy_j += share_j
             flight.co2e_g += share_j * g_per_j
         self._book(totals, split, energy_j)
-        return SampleOutcome(device, energy_j, split), self._close(device, flights, t_s)
+        embodied = self._embodied(device, totals, flights, t0, t_s)
+        return SampleOutcome(device, energy_j, split, embodied), self._close(device, flights, t_s)
+
+    def _embodied(
+        self,
+        device: str,
+        totals: DeviceTotals,
+        flights: Mapping[str, Flight],
+        t0: float,
+        t1: float,
+    ) -> EmbodiedSplit | None:
+        """Split the interval's embodied grams by time among the requests that did work in it
+        (those known to have done none are left out, as from the energy split)."""
+        rate = self.embodied_g_per_s.get(device)
+        if rate is None:
+            return None
+        spans = {
+            rid: (f.start_s, t1 if f.work_end_s is None else f.work_end_s)
+            for rid, f in flights.items()
+            if f.charged
+        }
+        split = split_embodied(rate, t0, t1, spans)
+        for rid, share_g in split.attributed_g.items():
+            f = flights[rid]
+            f.embodied_g = (f.embodied_g or 0.0) + share_g
+        attributed_g = sum(split.attributed_g.values())
+        totals.embodied_g += attributed_g + split.unattributed_g
+        totals.attributed_embodied_g += attributed_g
+        totals.unattributed_embodied_g += split.unattributed_g
+        return split
 
     def gap(self, device: str, t_s: float) -> None:
         """The device could not be read: requests in flight on it are marked as having a gap."""

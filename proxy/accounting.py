@@ -22,7 +22,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from estimators.attribution import AttributionEngine, Flight, IntervalSplit, Linger, abort_linger
+from estimators.attribution import (
+    AttributionEngine,
+    Flight,
+    Linger,
+    SampleOutcome,
+    abort_linger,
+)
 from estimators.estimator import LLM_TASKS, Estimator, RequestShape
 from estimators.meters import Reading
 from proxy.finalize import ABORTED, MEASURED, finalize, no_work
@@ -48,9 +54,7 @@ class Observer(Protocol):
 
     def observe_end(self, record: RequestRecord) -> None: ...
 
-    def observe_reading(
-        self, device: str, kind: str, delta_j: float, split: IntervalSplit, power_w: float | None
-    ) -> None: ...
+    def observe_reading(self, kind: str, sample: SampleOutcome, power_w: float | None) -> None: ...
 
     def observe_meter_error(self, device: str, kind: str) -> None: ...
 
@@ -75,9 +79,7 @@ class NoObserver:
     def observe_end(self, record: RequestRecord) -> None:
         pass
 
-    def observe_reading(
-        self, device: str, kind: str, delta_j: float, split: IntervalSplit, power_w: float | None
-    ) -> None:
+    def observe_reading(self, kind: str, sample: SampleOutcome, power_w: float | None) -> None:
         pass
 
     def observe_meter_error(self, device: str, kind: str) -> None:
@@ -110,6 +112,7 @@ class Accountant:
         meter_devices: devices the meter reads.
         meter_kind: the meter's kind, for ``wattproxy_meter_up``.
         g_per_j: grams CO2e per joule now (grid intensity and PUE), never blocking.
+        water_l_per_j: litres of water per joule (on-site WUE and the grid's), or ``None``.
         clock: monotonic seconds.
     """
 
@@ -124,6 +127,7 @@ class Accountant:
         meter_devices: Iterable[str] = (),
         meter_kind: str = "none",
         g_per_j: Callable[[], float] = lambda: 0.0,
+        water_l_per_j: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         down_after_s: float = DOWN_AFTER_S,
     ) -> None:
@@ -136,6 +140,7 @@ class Accountant:
         self._metered = set(self.meter_devices)
         self.meter_kind = meter_kind
         self.g_per_j = g_per_j
+        self.water_l_per_j = water_l_per_j
         self.clock = clock
         self.down_after_s = down_after_s
         self.requests: dict[str, OpenRequest] = {}
@@ -276,6 +281,7 @@ class Accountant:
         if flight is not None:
             rec.energy_j = flight.energy_j
             rec.co2e_g = flight.co2e_g
+            rec.embodied_co2e_g = flight.embodied_g
             rec.source = "measured" if flight.gaps == 0 else "estimated"
         rec.final = False
         return rec
@@ -295,9 +301,7 @@ class Accountant:
             self._last_energy_j[device] = total_j
             delta_j = 0.0 if last is None or total_j < last else total_j - last
             outcome, finals = self.engine.sample(device, t, delta_j, g_per_j)
-            observer.observe_reading(
-                device, self.meter_kind, delta_j, outcome.split, reading.power_w.get(device)
-            )
+            observer.observe_reading(self.meter_kind, outcome, reading.power_w.get(device))
             self._finalize_flights(finals)
         for device, reason in reading.errors.items():
             observer.observe_meter_error(device, self.meter_kind)
@@ -325,7 +329,13 @@ class Accountant:
     def _finalize(self, req: OpenRequest, flight: Flight | None) -> None:
         rec = req.record
         self.requests.pop(rec.request_id, None)
-        finalize(rec, flight, lambda: self.estimator.estimate(req.shape), self.g_per_j())
+        finalize(
+            rec,
+            flight,
+            lambda: self.estimator.estimate(req.shape),
+            self.g_per_j(),
+            self.water_l_per_j,
+        )
         if flight is not None and rec.basis == MEASURED:
             self.estimator.observe(req.shape, flight.energy_j)
             error = self.estimator.last_relative_error()

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from estimators.attribution import AttributionEngine, IdlePolicy, Weighting
 from estimators.carbon import CarbonClock, CarbonConfig, Intensity, build_provider
+from estimators.embodied import water_l_per_j
 from estimators.errors import EstimatorError
 from estimators.estimator import Estimator
 from estimators.meters import LoadTracker, Meter, Sampler, SimulatedMeter, build_meter
@@ -156,7 +157,10 @@ def build_parts(
     )
     idle_w = None if cfg.attribution.idle_watts == "auto" else float(cfg.attribution.idle_watts)
     engine = AttributionEngine(
-        Weighting(cfg.attribution.weighting), IdlePolicy(cfg.attribution.idle), idle_w
+        Weighting(cfg.attribution.weighting),
+        IdlePolicy(cfg.attribution.idle),
+        idle_w,
+        embodied_g_per_s={d: e.rate_g_per_s for d, e in cfg.meter.embodied().items()},
     )
     estimator = _estimator(cfg)
     ledger = (
@@ -203,6 +207,9 @@ def build_parts(
         meter_devices=meter.devices(),
         meter_kind=meter.kind,
         g_per_j=carbon.g_per_j,
+        water_l_per_j=water_l_per_j(
+            cfg.carbon.wue_l_per_kwh, cfg.carbon.grid_water_l_per_kwh, cfg.carbon.pue
+        ),
     )
     sampler = Sampler(meter, cfg.meter.interval_ms / 1000.0, accountant.on_reading)
     for device in meter.devices():

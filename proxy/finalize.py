@@ -47,6 +47,7 @@ def finalize(
     flight: Flight | None,
     estimate: Callable[[], Estimate],
     g_per_j: float,
+    water_l_per_j: float | None = None,
 ) -> RequestRecord:
     """Set ``record``'s energy, CO2e, source and basis, mark it final and return it (the same
     object: a record is finalized once).
@@ -57,6 +58,11 @@ def finalize(
         flight: its flight, ``None`` when no meter read its devices.
         estimate: its estimate, called only when its energy must be estimated.
         g_per_j: grams CO2e per joule now, for an estimate's CO2e.
+        water_l_per_j: litres of water per joule, or ``None`` when water is not configured.
+
+    Embodied grams are the flight's (its share of its devices' time, whatever its energy's
+    basis: the engine split them once); ``None`` without a flight on a device with figures.
+    Water follows the energy charged.
     """
     rec = record
     if rec.task == OTHER or (flight is None and rec.outcome in NOT_SERVED):
@@ -93,5 +99,7 @@ def finalize(
         rec.source = "estimated"
         rec.basis = est.basis
         rec.extra["estimate_method"] = est.method
+    rec.embodied_co2e_g = flight.embodied_g if flight is not None else None
+    rec.water_l = rec.energy_j * water_l_per_j if water_l_per_j is not None else None
     rec.final = True
     return rec

@@ -17,7 +17,7 @@ from proxy.tasks import OTHER as OTHER_TASK
 from proxy.tracing import exemplar
 
 if TYPE_CHECKING:
-    from estimators.attribution import IntervalSplit
+    from estimators.attribution import SampleOutcome
     from proxy.records import RequestRecord
 
 OTHER = "_other"
@@ -184,6 +184,30 @@ class Metrics:
             ("device", "reason"),
             registry=r,
         )
+        self.embodied = Counter(
+            "wattproxy_embodied_co2e_grams",
+            "Embodied (manufacturing) grams CO2e of finished requests, by their device time.",
+            ("upstream", "model", "task"),
+            registry=r,
+        )
+        self.device_embodied = Counter(
+            "wattproxy_device_embodied_co2e_grams",
+            "Embodied grams CO2e of each device's sampled time (= attributed + unattributed).",
+            ("device",),
+            registry=r,
+        )
+        self.unattributed_embodied = Counter(
+            "wattproxy_unattributed_embodied_co2e_grams",
+            "Embodied grams CO2e of device time no request was in flight.",
+            ("device",),
+            registry=r,
+        )
+        self.water = Counter(
+            "wattproxy_water_litres",
+            "Litres of water (on-site WUE and the grid's) of finished requests.",
+            ("upstream", "model", "task"),
+            registry=r,
+        )
         self.device_power = Gauge(
             "wattproxy_device_power_watts", "Latest device power.", ("device",), registry=r
         )
@@ -322,23 +346,23 @@ class Metrics:
         )
         energy.inc(record.energy_j)
         co2e.inc(record.co2e_g)
+        if record.embodied_co2e_g is not None or record.water_l is not None:
+            labels = (record.upstream, self.model_label(record.model), record.task)
+            if record.embodied_co2e_g is not None:
+                self.embodied.labels(*labels).inc(record.embodied_co2e_g)
+            if record.water_l is not None:
+                self.water.labels(*labels).inc(record.water_l)
         if record.task != OTHER_TASK:
             # the trace id as exemplar (rendered in OpenMetrics only)
             self.request_energy.labels(record.task).observe(record.energy_j, exemplar(record))
 
-    def observe_reading(
-        self,
-        device: str,
-        kind: str,
-        delta_j: float,
-        split: IntervalSplit,
-        power_w: float | None,
-    ) -> None:
-        """One device's meter reading: the energy it measured since the last one
-        (``delta_j``) and how the attribution engine split it."""
+    def observe_reading(self, kind: str, sample: SampleOutcome, power_w: float | None) -> None:
+        """One device's meter reading: the energy it measured since the last one and how the
+        attribution engine split it (and its embodied grams)."""
+        device, split, embodied = sample.device, sample.split, sample.embodied
         self.meter_up.labels(device, kind).set(1)
-        if delta_j:
-            self.device_energy.labels(device).inc(delta_j)
+        if sample.energy_j:
+            self.device_energy.labels(device).inc(sample.energy_j)
         attributed = sum(split.attributed_j.values())
         if attributed:
             self.attributed_energy.labels(device).inc(attributed)
@@ -348,6 +372,10 @@ class Metrics:
             self.unattributed_energy.labels(device, "no_requests").inc(split.no_requests_j)
         if power_w is not None:
             self.device_power.labels(device).set(power_w)
+        if embodied is not None:
+            total_g = sum(embodied.attributed_g.values()) + embodied.unattributed_g
+            self.device_embodied.labels(device).inc(total_g)
+            self.unattributed_embodied.labels(device).inc(embodied.unattributed_g)
 
     def observe_meter_error(self, device: str, kind: str) -> None:
         """A device could not be read."""

@@ -113,6 +113,11 @@ class RequestRecord:
     duration_s: float | None = None
     ttfb_s: float | None = None
     basis: str | None = None
+    #: embodied grams CO2e (device manufacturing, by its share of device time); ``None`` when
+    #: no device it ran on has embodied figures
+    embodied_co2e_g: float | None = None
+    #: litres of water (on-site WUE and the grid's); ``None`` when water is not configured
+    water_l: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -71,6 +71,10 @@ EXTRA_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "wattproxy_carbon_provider_info": ("gauge", ("provider", "zone", "fallback")),
     "wattproxy_request_outcomes_total": ("counter", ("upstream", "outcome")),
     "wattproxy_route_decisions_total": ("counter", ("upstream", "reason")),
+    "wattproxy_embodied_co2e_grams_total": ("counter", ("upstream", "model", "task")),
+    "wattproxy_device_embodied_co2e_grams_total": ("counter", ("device",)),
+    "wattproxy_unattributed_embodied_co2e_grams_total": ("counter", ("device",)),
+    "wattproxy_water_litres_total": ("counter", ("upstream", "model", "task")),
 }
 
 #: Labels Prometheus adds to every scraped series.

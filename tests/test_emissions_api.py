@@ -177,6 +177,8 @@ async def test_csv_when_asked_for_it(api: tuple[str, Parts, dict[str, str]]) -> 
         "prompt_tokens",
         "completion_tokens",
         "measured_share",
+        "embodied_co2e_g",  # added after (issue 15 item 3), the columns before unchanged
+        "water_l",
     ]
     assert rows[-1]["day"] == "TOTAL"
     assert int(rows[-1]["requests"]) == report["totals"]["requests"] == 2

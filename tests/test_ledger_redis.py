@@ -20,6 +20,7 @@ from tests.helpers.ledger_data import (
     DAYS,
     check_exactly_once,
     check_get,
+    check_impacts_aggregated,
     check_totals_equal_records,
     random_records,
     record,
@@ -62,6 +63,10 @@ def sync_client() -> redis.Redis:
 
 async def test_totals_equal_the_sum_of_records(ledger: RedisLedger) -> None:
     await check_totals_equal_records(ledger)
+
+
+async def test_embodied_and_water_aggregated(ledger: RedisLedger) -> None:
+    await check_impacts_aggregated(ledger)
 
 
 async def test_retried_batches_count_once(ledger: RedisLedger) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from proxy.ledger.sqlite import SQLiteLedger
 from tests.helpers.ledger_data import (
     check_exactly_once,
     check_get,
+    check_impacts_aggregated,
     check_totals_equal_records,
     record,
 )
@@ -32,6 +34,47 @@ async def test_totals_equal_the_sum_of_records(ledger: SQLiteLedger) -> None:
 
 async def test_retried_batches_count_once(ledger: SQLiteLedger) -> None:
     await check_exactly_once(ledger)
+
+
+async def test_embodied_and_water_aggregated(ledger: SQLiteLedger) -> None:
+    await check_impacts_aggregated(ledger)
+
+
+async def test_a_ledger_made_before_embodied_and_water_gains_their_columns(
+    tmp_path: Path,
+) -> None:
+    """A ledger file whose ``daily`` table predates the embodied and water columns keeps its
+    rows and gains the columns (0) on open, then aggregates them."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(OLD_DAILY)
+    conn.execute(
+        "INSERT INTO daily VALUES ('2026-11-28', 'alice', 'research', 'text-generation',"
+        " 'llama-3.1-8b', 'llm', 1, 2.0, 0.5, 3, 5, 2.0)"
+    )
+    conn.commit()
+    conn.close()
+    led = SQLiteLedger(str(path))
+    await led.open()
+    try:
+        (old,) = await led.aggregates("2026-11-28", "2026-11-28")
+        assert (old.requests, old.embodied_requests, old.water_l) == (1, 0, 0.0)
+        await check_impacts_aggregated(led)
+    finally:
+        await led.close()
+
+
+#: The ``daily`` table as released before the embodied and water columns.
+OLD_DAILY = """
+CREATE TABLE daily (
+    day TEXT NOT NULL, user TEXT NOT NULL, team TEXT NOT NULL, task TEXT NOT NULL,
+    model TEXT NOT NULL, upstream TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+    energy_j REAL NOT NULL DEFAULT 0, co2e_g REAL NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    measured_energy_j REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, user, team, task, model, upstream)
+);
+"""
 
 
 async def test_get_returns_the_stored_record(ledger: SQLiteLedger) -> None:

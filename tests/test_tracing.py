@@ -5,11 +5,9 @@ id as the energy histogram's exemplar. Disabled, nothing of OpenTelemetry is imp
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from proxy.tracing import (
     operation_name,
 )
 from tests.helpers.otlp_receiver import OTLPReceiver
-from tests.helpers.serve import base_config, serve_process
+from tests.helpers.serve import base_config, final_record, serve_process
 
 #: An env var that is never set: the emissions API is open, as with no admin token.
 ADMIN_ENV = "WP_TEST_TRACING_ADMIN_TOKEN"
@@ -86,18 +84,6 @@ async def post(
         assert r.status == 200, await r.text()
         await r.read()
         return r.headers["X-Request-Id"]
-
-
-async def final_record(s: aiohttp.ClientSession, base: str, rid: str) -> dict[str, Any]:
-    """The request's record once final (bounded wait, not a timed assertion)."""
-    deadline = time.monotonic() + 30
-    while True:
-        async with s.get(f"{base}/v1/emissions/requests/{rid}") as r:
-            doc: dict[str, Any] = await r.json()
-        if r.status == 200 and doc["final"]:
-            return doc
-        assert time.monotonic() < deadline, f"record {rid} never became final: {doc}"
-        await asyncio.sleep(0.05)
 
 
 async def test_one_span_per_request_with_genai_and_energy_attributes_and_trace_context(

@@ -47,6 +47,12 @@ class AggregateRow:
     prompt_tokens: int
     completion_tokens: int
     measured_energy_j: float
+    #: embodied grams and litres of the requests that had a figure, and how many had one (a
+    #: sum over none is unknown, not 0)
+    embodied_co2e_g: float = 0.0
+    embodied_requests: int = 0
+    water_l: float = 0.0
+    water_requests: int = 0
 
 
 class Ledger(abc.ABC):

@@ -78,8 +78,14 @@ METRICS = (
     "prompt_tokens",
     "completion_tokens",
     "measured_energy_j",
+    "embodied_co2e_g",
+    "embodied_requests",
+    "water_l",
+    "water_requests",
 )
-_INT_METRICS = frozenset(("requests", "prompt_tokens", "completion_tokens"))
+_INT_METRICS = frozenset(
+    ("requests", "prompt_tokens", "completion_tokens", "embodied_requests", "water_requests")
+)
 
 #: Lua: drop one request's hold (KEYS held hash and its expiry zset); the keys go with the last.
 _RELEASE = """
@@ -101,7 +107,7 @@ end
 #: KEYS: seen marker, day hash, days zset, spent hash of the day's month, held hash, held expiries.
 #: ARGV: seen ttl s, aggregate ttl s, day, day score, oldest kept score, group, then the figures
 #: energy_j, co2e_g, prompt_tokens, completion_tokens, measured_energy_j; request id field,
-#: spent ttl s.
+#: spent ttl s, then embodied_co2e_g, embodied_requests, water_l, water_requests.
 #: Returns 1 when the request id was new (and counted), 0 when it was already counted.
 RECORD_SCRIPT = (
     _RELEASE
@@ -117,6 +123,14 @@ redis.call('HINCRBYFLOAT', KEYS[2], 'co2e_g|' .. g, ARGV[8])
 redis.call('HINCRBY', KEYS[2], 'prompt_tokens|' .. g, ARGV[9])
 redis.call('HINCRBY', KEYS[2], 'completion_tokens|' .. g, ARGV[10])
 redis.call('HINCRBYFLOAT', KEYS[2], 'measured_energy_j|' .. g, ARGV[11])
+if ARGV[15] ~= '0' then
+  redis.call('HINCRBYFLOAT', KEYS[2], 'embodied_co2e_g|' .. g, ARGV[14])
+  redis.call('HINCRBY', KEYS[2], 'embodied_requests|' .. g, ARGV[15])
+end
+if ARGV[17] ~= '0' then
+  redis.call('HINCRBYFLOAT', KEYS[2], 'water_l|' .. g, ARGV[16])
+  redis.call('HINCRBY', KEYS[2], 'water_requests|' .. g, ARGV[17])
+end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[5])
@@ -391,6 +405,10 @@ class RedisLedger(Ledger):
                             repr(float(measured_j)),
                             rid,
                             SPENT_TTL_S,
+                            repr(float(r.embodied_co2e_g or 0.0)),
+                            int(r.embodied_co2e_g is not None),
+                            repr(float(r.water_l or 0.0)),
+                            int(r.water_l is not None),
                         ],
                         client=pipe,
                     )

@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS daily (
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     measured_energy_j REAL NOT NULL DEFAULT 0,
+    embodied_co2e_g REAL NOT NULL DEFAULT 0,
+    embodied_requests INTEGER NOT NULL DEFAULT 0,
+    water_l REAL NOT NULL DEFAULT 0,
+    water_requests INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, user, team, task, model, upstream)
 );
 CREATE INDEX IF NOT EXISTS daily_user ON daily(user, day);
@@ -49,16 +53,36 @@ CREATE INDEX IF NOT EXISTS daily_team ON daily(team, day);
 
 UPSERT_DAILY = """
 INSERT INTO daily (day, user, team, task, model, upstream, requests, energy_j, co2e_g,
-                   prompt_tokens, completion_tokens, measured_energy_j)
-VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)
+                   prompt_tokens, completion_tokens, measured_energy_j, embodied_co2e_g,
+                   embodied_requests, water_l, water_requests)
+VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, user, team, task, model, upstream) DO UPDATE SET
     requests = requests + 1,
     energy_j = energy_j + excluded.energy_j,
     co2e_g = co2e_g + excluded.co2e_g,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens,
-    measured_energy_j = measured_energy_j + excluded.measured_energy_j
+    measured_energy_j = measured_energy_j + excluded.measured_energy_j,
+    embodied_co2e_g = embodied_co2e_g + excluded.embodied_co2e_g,
+    embodied_requests = embodied_requests + excluded.embodied_requests,
+    water_l = water_l + excluded.water_l,
+    water_requests = water_requests + excluded.water_requests
 """
+
+#: Columns added to ``daily`` after its first release: a ledger file made before gets them.
+ADDED_DAILY_COLUMNS = (
+    ("embodied_co2e_g", "REAL"),
+    ("embodied_requests", "INTEGER"),
+    ("water_l", "REAL"),
+    ("water_requests", "INTEGER"),
+)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(daily)")}
+    for name, kind in ADDED_DAILY_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE daily ADD COLUMN {name} {kind} NOT NULL DEFAULT 0")
 
 
 class SQLiteLedger(Ledger):
@@ -92,6 +116,7 @@ class SQLiteLedger(Ledger):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(SCHEMA)
+                _migrate(conn)
             except (sqlite3.Error, OSError) as e:
                 raise LedgerError(f"cannot open SQLite ledger {self.path}: {e}") from e
             self._conn = conn
@@ -139,6 +164,10 @@ class SQLiteLedger(Ledger):
                             r.prompt_tokens or 0,
                             r.completion_tokens or 0,
                             measured,
+                            r.embodied_co2e_g or 0.0,
+                            int(r.embodied_co2e_g is not None),
+                            r.water_l or 0.0,
+                            int(r.water_l is not None),
                         )
                     )
                 conn.executemany(UPSERT_DAILY, daily)  # same transaction, same order
@@ -179,7 +208,8 @@ class SQLiteLedger(Ledger):
     ) -> list[AggregateRow]:
         sql = (
             "SELECT day, user, team, task, model, upstream, requests, energy_j, co2e_g,"
-            " prompt_tokens, completion_tokens, measured_energy_j FROM daily"
+            " prompt_tokens, completion_tokens, measured_energy_j, embodied_co2e_g,"
+            " embodied_requests, water_l, water_requests FROM daily"
             " WHERE day >= ? AND day <= ?"
         )
         args: list[str] = [start_day, end_day]
@@ -207,6 +237,10 @@ class SQLiteLedger(Ledger):
                 prompt_tokens=r[9],
                 completion_tokens=r[10],
                 measured_energy_j=r[11],
+                embodied_co2e_g=r[12],
+                embodied_requests=r[13],
+                water_l=r[14],
+                water_requests=r[15],
             )
             for r in rows
         ]

@@ -27,6 +27,10 @@ class Totals:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     measured_energy_j: float = 0.0
+    embodied_co2e_g: float = 0.0
+    embodied_requests: int = 0
+    water_l: float = 0.0
+    water_requests: int = 0
 
     def add(self, row: AggregateRow) -> None:
         self.requests += row.requests
@@ -35,6 +39,10 @@ class Totals:
         self.prompt_tokens += row.prompt_tokens
         self.completion_tokens += row.completion_tokens
         self.measured_energy_j += row.measured_energy_j
+        self.embodied_co2e_g += row.embodied_co2e_g
+        self.embodied_requests += row.embodied_requests
+        self.water_l += row.water_l
+        self.water_requests += row.water_requests
 
     def to_dict(self) -> dict[str, Any]:
         share = self.measured_energy_j / self.energy_j if self.energy_j > 0 else 0.0
@@ -45,6 +53,9 @@ class Totals:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "measured_share": round(min(1.0, share), 6),
+            # null, not 0, where no request had a figure (none configured)
+            "embodied_co2e_g": round(self.embodied_co2e_g, 9) if self.embodied_requests else None,
+            "water_l": round(self.water_l, 12) if self.water_requests else None,
         }
 
 

@@ -104,6 +104,11 @@ def fmt_energy(energy_j: float) -> str:
     return f"{fmt_num(energy_j)} J"
 
 
+#: The chart's series of embodied (manufacturing) grams, and its colour.
+EMBODIED_SERIES = "embodied (manufacturing)"
+EMBODIED_COLOR = "#7a7f87"
+
+
 def _days(start: str, end: str) -> list[str]:
     first, last = date.fromisoformat(start), date.fromisoformat(end)
     if (last - first).days >= MAX_CHART_DAYS:
@@ -133,8 +138,15 @@ def chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
     for r in rows:
         if r.day in per_day and r.co2e_g > 0:
             per_day[r.day][r.task] = per_day[r.day].get(r.task, 0.0) + r.co2e_g
+    # embodied (manufacturing) grams: a series of their own on top of each day's bar
+    embodied_of: dict[str, float] = dict.fromkeys(days, 0.0)
+    for r in rows:
+        if r.day in embodied_of and r.embodied_co2e_g > 0:
+            embodied_of[r.day] += r.embodied_co2e_g
     colors = task_colors([t for tasks in per_day.values() for t in tasks])
-    top_g = _nice_max(max((sum(t.values()) for t in per_day.values()), default=0.0))
+    top_g = _nice_max(
+        max((sum(t.values()) + embodied_of[d] for d, t in per_day.items()), default=0.0)
+    )
     plot_w = CHART_WIDTH_PX - MARGIN_LEFT_PX - MARGIN_RIGHT_PX
     plot_h = CHART_HEIGHT_PX - MARGIN_TOP_PX - MARGIN_BOTTOM_PX
     slot_w = plot_w / max(1, len(days))
@@ -168,6 +180,16 @@ def chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
                 f'height="{max(h, 0.5):.2f}" fill="{colors[task]}">'
                 f"<title>{day} {_e(task)}: {_e(fmt_g(grams))} CO2e</title></rect>"
             )
+        embodied_g = embodied_of[day]
+        if embodied_g > 0:
+            h = plot_h * embodied_g / top_g
+            y -= h
+            parts.append(
+                f'<rect class="bar-embodied" data-day="{day}" data-series="embodied" '
+                f'data-co2e-g="{embodied_g:.9g}" x="{x:.2f}" y="{y:.2f}" width="{bar_w:.2f}" '
+                f'height="{max(h, 0.5):.2f}" fill="{EMBODIED_COLOR}">'
+                f"<title>{day} embodied: {_e(fmt_g(embodied_g))} CO2e</title></rect>"
+            )
         if i % label_every == 0:
             parts.append(
                 f'<text x="{x + bar_w / 2:.1f}" y="{base_y + 16}" text-anchor="middle">'
@@ -177,6 +199,8 @@ def chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
         f'<line x1="{MARGIN_LEFT_PX}" x2="{CHART_WIDTH_PX - MARGIN_RIGHT_PX}" y1="{base_y}" '
         f'y2="{base_y}" stroke="#8a93a0"/>'
     )
+    if any(g > 0 for g in embodied_of.values()):
+        colors = {**colors, EMBODIED_SERIES: EMBODIED_COLOR}
     if not colors:
         parts.append(
             f'<text x="{MARGIN_LEFT_PX + plot_w / 2:.1f}" y="{MARGIN_TOP_PX + plot_h / 2:.1f}" '
@@ -211,7 +235,7 @@ def _table(head: str, groups: list[tuple[str, Totals]], total: Totals) -> str:
     out = [
         f"<table><thead><tr><th>{_e(head)}</th><th>requests</th><th>energy</th>"
         "<th>CO2e</th><th>prompt tokens</th><th>completion tokens</th><th>measured</th>"
-        "</tr></thead><tbody>"
+        "<th>embodied CO2e</th><th>water</th></tr></thead><tbody>"
     ]
     for key, t in groups:
         out.append(f"<tr>{_cells(key or '(none)', t)}</tr>")
@@ -226,7 +250,16 @@ def _cells(key: str, t: Totals) -> str:
         f"<td>{_e(fmt_energy(d['energy_j']))}</td><td>{_e(fmt_g(d['co2e_g']))}</td>"
         f"<td>{d['prompt_tokens']:,}</td><td>{d['completion_tokens']:,}</td>"
         f"<td>{d['measured_share']:.0%}</td>"
+        f"<td>{_e(_opt_g(d['embodied_co2e_g']))}</td><td>{_e(_opt_l(d['water_l']))}</td>"
     )
+
+
+def _opt_g(grams: float | None) -> str:
+    return "not configured" if grams is None else fmt_g(grams)
+
+
+def _opt_l(litres: float | None) -> str:
+    return "not configured" if litres is None else f"{fmt_num(litres)} L"
 
 
 def render_html(report: dict[str, Any], rows: list[AggregateRow]) -> str:
@@ -246,6 +279,8 @@ def render_html(report: dict[str, Any], rows: list[AggregateRow]) -> str:
         ("Prompt tokens", f"{totals_doc['prompt_tokens']:,}"),
         ("Completion tokens", f"{totals_doc['completion_tokens']:,}"),
         ("Measured", f"{share:.0%}"),
+        ("Embodied CO2e", _opt_g(totals_doc.get("embodied_co2e_g"))),
+        ("Water", _opt_l(totals_doc.get("water_l"))),
     ]
     card_html = "".join(
         f'<div class="card"><div class="label">{_e(label)}</div>'

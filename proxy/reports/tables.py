@@ -17,6 +17,8 @@ CSV_FIELDS = (
     "prompt_tokens",
     "completion_tokens",
     "measured_share",
+    "embodied_co2e_g",
+    "water_l",
 )
 
 
@@ -41,12 +43,14 @@ def report_table(report: dict[str, Any]) -> str:
     width = max([len(head), *(len(str(k)) for k, _ in rows)])
     lines = [
         f"Emissions of {report.get('user') or 'everyone'} from {report['from']} to {report['to']}",
-        f"{head:<{width}}  {'requests':>9}  {'energy_J':>14}  {'CO2e_g':>12}  {'measured':>8}",
+        f"{head:<{width}}  {'requests':>9}  {'energy_J':>14}  {'CO2e_g':>12}  {'measured':>8}"
+        f"  {'embodied_g':>12}  {'water_L':>12}",
     ]
     for key, t in rows:
         lines.append(
             f"{key!s:<{width}}  {t['requests']:>9}  {t['energy_j']:>14.3f}  "
-            f"{t['co2e_g']:>12.6f}  {t['measured_share']:>8.0%}"
+            f"{t['co2e_g']:>12.6f}  {t['measured_share']:>8.0%}  "
+            f"{_opt(t.get('embodied_co2e_g'), 6):>12}  {_opt(t.get('water_l'), 6):>12}"
         )
     eq = report["equivalents"]
     lines.append(
@@ -54,3 +58,8 @@ def report_table(report: dict[str, Any]) -> str:
         f"{eq['km_gasoline_car']:.4f} km by gasoline car ({EQUIVALENTS_SOURCE})"
     )
     return "\n".join(lines)
+
+
+def _opt(value: float | None, digits: int) -> str:
+    """A figure, or ``-`` where none is known (not configured)."""
+    return "-" if value is None else f"{value:.{digits}f}"

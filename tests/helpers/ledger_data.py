@@ -167,3 +167,20 @@ async def check_get(ledger: Ledger) -> None:
     assert got.energy_j == 12.5
     assert got.final is True
     assert await ledger.get("no-such-request") is None
+
+
+async def check_impacts_aggregated(ledger: Ledger) -> None:
+    """Embodied grams and litres add up per group, with the count of records that had each;
+    a record without them (``None``) adds to neither."""
+    with_figures = [record(f"imp{i}") for i in range(3)]
+    for i, r in enumerate(with_figures):
+        r.embodied_co2e_g = 0.25 * (i + 1)
+        r.water_l = 0.001 * (i + 1)
+    without = record("imp-none")
+    await ledger.write([*with_figures, without])
+    rows = await ledger.aggregates("2026-11-29", "2026-11-29", user="alice")
+    assert sum(r.requests for r in rows) == 4
+    assert sum(r.embodied_requests for r in rows) == 3
+    assert sum(r.water_requests for r in rows) == 3
+    assert abs(sum(r.embodied_co2e_g for r in rows) - 1.5) < 1e-9
+    assert abs(sum(r.water_l for r in rows) - 0.006) < 1e-12

@@ -175,3 +175,15 @@ async def serve_process(
         if proc.poll() is None:
             with contextlib.suppress(AssertionError):
                 served.stop()
+
+
+async def final_record(s: aiohttp.ClientSession, base: str, rid: str) -> dict[str, Any]:
+    """The request's record once final (bounded wait, not a timed assertion)."""
+    deadline = time.monotonic() + 30
+    while True:
+        async with s.get(f"{base}/v1/emissions/requests/{rid}") as r:
+            doc: dict[str, Any] = await r.json()
+        if r.status == 200 and doc["final"]:
+            return doc
+        assert time.monotonic() < deadline, f"record {rid} never became final: {doc}"
+        await asyncio.sleep(0.05)
