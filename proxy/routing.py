@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from estimators.units import J_PER_KWH
+
 if TYPE_CHECKING:  # config.py checks routing at load time: no import cycle at run time
     from proxy.config import UpstreamConfig
 
@@ -86,9 +88,6 @@ class Router:
 
 
 Policy = Literal["first", "least_carbon", "least_energy"]
-
-#: joules per kWh
-J_PER_KWH = 3.6e6
 
 
 @dataclass(frozen=True, slots=True)
