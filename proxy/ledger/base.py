@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, LedgerError
 from proxy.records import RequestRecord
 
 
@@ -110,12 +110,13 @@ class Ledger(abc.ABC):
         """Atomically: refuse when a limit's used plus reserved grams reach its budget, else
         reserve ``grams`` for ``request_id`` until its record is written (``write`` releases it)
         or ``ttl_s`` has passed. ``day`` is today (UTC, ISO). Only where
-        ``shared_reservations`` is true. Raises ``LedgerError`` when the backend fails."""
-        raise NotImplementedError(f"the {self.backend} ledger keeps no reservations")
+        ``shared_reservations`` is true (elsewhere: ``LedgerError``). Raises ``LedgerError`` when
+        the backend fails."""
+        raise LedgerError(f"the {self.backend} ledger keeps no shared reservations")
 
     async def release(self, scope: str, key: str, request_id: str) -> None:
         """Drop the reservation of a request that will write no record."""
-        raise NotImplementedError(f"the {self.backend} ledger keeps no reservations")
+        raise LedgerError(f"the {self.backend} ledger keeps no shared reservations")
 
     async def ping(self) -> bool:
         return True
