@@ -76,6 +76,10 @@ def end_attributes(record: RequestRecord, operation: str) -> dict[str, Any]:
         attrs["gen_ai.usage.output_tokens"] = record.completion_tokens
     if record.team:
         attrs["wattproxy.team"] = record.team
+    if record.embodied_co2e_g is not None:  # only where the device's figures are configured
+        attrs["wattproxy.embodied_co2e_g"] = record.embodied_co2e_g
+    if record.water_l is not None:
+        attrs["wattproxy.water_l"] = record.water_l
     if record.outcome != "ok":
         attrs["error.type"] = record.outcome
     elif record.status >= 500:

@@ -127,6 +127,7 @@ async def test_one_span_per_request_with_genai_and_energy_attributes_and_trace_c
         assert a["wattproxy.outcome"] == "ok"
         assert a["http.response.status_code"] == 200
         assert span.end_ns - span.start_ns == pytest.approx(rec["duration_s"] * 1e9, abs=1e3)
+        # no device figures configured here: no embodied or water attribute, not a zero
         assert not any(k.startswith(("wattproxy.embodied", "wattproxy.water")) for k in a)
     chat, continued, embed = (by_rid[rid] for rid in rids)
     assert chat.name == "chat llama" and chat.attributes["gen_ai.operation.name"] == "chat"
@@ -271,3 +272,22 @@ async def test_plain_scrapes_get_the_text_format_byte_for_byte(
         body = await r.read()
     assert body == openmetrics_latest(metrics.registry)
     assert b'# {trace_id="' + b"ab" * 16 + b'"} 2.0' in body
+
+
+def test_embodied_and_water_attributes_come_with_the_records_figures() -> None:
+    base = dict(
+        request_id="r",
+        user="u",
+        team=None,
+        upstream="llm",
+        model="m",
+        task="text-generation",
+        status=200,
+        started_at="2026-01-01T00:00:00Z",
+    )
+    without = end_attributes(RequestRecord(**base), "chat")  # type: ignore[arg-type]
+    assert "wattproxy.embodied_co2e_g" not in without and "wattproxy.water_l" not in without
+    rec = RequestRecord(**base, embodied_co2e_g=0.25, water_l=0.003)  # type: ignore[arg-type]
+    attrs = end_attributes(rec, "chat")
+    assert attrs["wattproxy.embodied_co2e_g"] == 0.25
+    assert attrs["wattproxy.water_l"] == 0.003
