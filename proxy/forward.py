@@ -113,7 +113,7 @@ class Forwarder:
             upstream, plan, data, reason = await self._read_and_route(request, rt)
             deferred_s = None  # deferral off (the default): not even a coroutine made
             if rt.cfg.routing.max_deferral_s > 0:
-                deferred_s = await self._defer(request, rt, upstream)
+                deferred_s = await self._defer(request, rt, upstream, who)
             if reason is not None and self.routes is not None:
                 self.metrics.route_decisions.labels(upstream.name, reason).inc()
                 self.routes.begin(upstream.name)
@@ -152,23 +152,26 @@ class Forwarder:
                 self.routes.end(routed)
 
     async def _defer(
-        self, request: web.Request, rt: Runtime, upstream: UpstreamConfig
+        self, request: web.Request, rt: Runtime, upstream: UpstreamConfig, who: Identity
     ) -> float | None:
-        """Wait, when the request allows it (``X-Wattproxy-Deferrable: <seconds>``) and
-        ``routing.max_deferral_s`` is on, for the lowest forecast intensity window of the
-        upstream's zone that starts within the smaller of the two; the seconds waited, or None
-        when deferral does not apply. A provider without a forecast means no wait; the
-        forecast's own fetch counts towards the bound."""
+        """Wait, when the request allows it (``X-Wattproxy-Deferrable: <seconds>``, else its
+        key's ``deferrable_s``) and ``routing.max_deferral_s`` is on, for the lowest forecast
+        intensity window of the upstream's zone that starts within the smaller of the two; the
+        seconds waited, or None when deferral does not apply. A provider without a forecast
+        means no wait; the forecast's own fetch counts towards the bound."""
         max_s = rt.cfg.routing.max_deferral_s
         raw = request.headers.get("X-Wattproxy-Deferrable")
-        if max_s <= 0 or raw is None or self.routes is None:
+        if max_s <= 0 or self.routes is None or (raw is None and who.deferrable_s is None):
             return None
-        try:
-            asked_s = float(raw)
-        except ValueError:
-            asked_s = -1.0
+        if raw is None:
+            asked_s = who.deferrable_s or 0.0
+        else:
+            try:
+                asked_s = float(raw)
+            except ValueError:
+                asked_s = -1.0
         if not math.isfinite(asked_s) or asked_s < 0:
-            raise BadRequest(f"X-Wattproxy-Deferrable must be seconds >= 0, got {raw[:40]!r}")
+            raise BadRequest(f"X-Wattproxy-Deferrable must be seconds >= 0, got {raw!r:.40}")
         bound_s = min(asked_s, max_s)
         clock = self.routes.clock(upstream)
         loop = asyncio.get_running_loop()

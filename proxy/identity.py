@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ class Identity:
     user: str
     team: str | None = None
     key_id: str | None = None
+    #: seconds this key's requests may wait for a lower-carbon window (keys file ``deferrable_s``)
+    deferrable_s: float | None = None
 
 
 def sha256_hex(key: str) -> str:
@@ -93,8 +96,20 @@ class KeyStore:
                 continue
             first_at[digest] = i
             team = entry.get("team")
+            deferrable_s = entry.get("deferrable_s")
+            if deferrable_s is not None and (
+                isinstance(deferrable_s, bool)
+                or not isinstance(deferrable_s, int | float)
+                or not math.isfinite(deferrable_s)
+                or deferrable_s < 0
+            ):
+                problems.append(f"{where}: deferrable_s must be a number of seconds >= 0")
+                continue
             entries[digest] = Identity(
-                entry["user"], team if isinstance(team, str) else None, digest[:KEY_ID_CHARS]
+                entry["user"],
+                team if isinstance(team, str) else None,
+                digest[:KEY_ID_CHARS],
+                None if deferrable_s is None else float(deferrable_s),
             )
         if problems:
             raise ConfigError(problems)

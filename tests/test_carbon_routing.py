@@ -30,6 +30,7 @@ from estimators.carbon import (
 from proxy.config import Config, UpstreamConfig, parse_config
 from proxy.demo_routing import run_routing_demo
 from proxy.errors import ConfigError
+from proxy.identity import KeyStore
 from proxy.route_policy import upstream_carbon
 from proxy.routing import Candidate, RouteLimits, Router, choose
 from tests.helpers.serve import base_config, serve_process
@@ -538,3 +539,49 @@ async def test_uk_forecast_parse_and_failures(aiohttp_server: Any) -> None:
         assert await clock.forecast(datetime.now(UTC)) is None
     finally:
         await clock.provider.close()
+
+
+async def test_serve_deferral_by_the_keys_setting(aiohttp_server: Any, tmp_path: Path) -> None:
+    """A key with ``deferrable_s`` in the keys file defers its requests without the header; the
+    header still wins; a key without it goes at once."""
+    up = Upstream()
+    srv = await aiohttp_server(up.app())
+    grid = await aiohttp_server(UKGrid().app())
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "keys": [
+                    {"key": "batch-key", "user": "nightly", "deferrable_s": 20},
+                    {"key": "chat-key", "user": "carol"},
+                ]
+            }
+        )
+    )
+    doc = base_config(
+        str(srv.make_url("")),
+        tmp_path,
+        carbon={"zone": "GB", "provider": "uk-carbon-intensity", "url": str(grid.make_url(""))},
+        routing={"max_deferral_s": 30},
+        identity={"keys_file": str(keys)},
+    )
+    doc["upstreams"][0]["models"] = ["m"]
+    batch = {"Authorization": "Bearer batch-key"}
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        url = served.base + "/v1/chat/completions"
+        async with s.post(url, json=CHAT, headers=batch) as r:
+            assert r.status == 200, await r.text()
+            assert float(r.headers["X-Wattproxy-Deferred-S"]) > 0
+        async with s.post(url, json=CHAT, headers={**batch, "X-Wattproxy-Deferrable": "0.5"}) as r:
+            assert r.status == 200 and r.headers["X-Wattproxy-Deferred-S"] == "0.000"
+        async with s.post(url, json=CHAT, headers={"Authorization": "Bearer chat-key"}) as r:
+            assert r.status == 200 and "X-Wattproxy-Deferred-S" not in r.headers
+
+
+@pytest.mark.parametrize("value", [-1, "soon", True, float("inf")])
+def test_a_keys_deferrable_s_must_be_seconds(tmp_path: Path, value: Any) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"key": "k", "user": "u", "deferrable_s": value}]}))
+    with pytest.raises(ConfigError) as err:
+        KeyStore.load(keys)
+    assert "keys.0: deferrable_s must be a number of seconds >= 0" in str(err.value)
