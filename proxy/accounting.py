@@ -89,6 +89,14 @@ class NoObserver:
         pass
 
 
+class Grid(Protocol):
+    """Grids other than the ``carbon:`` section's (upstreams with their own ``carbon``)."""
+
+    def device_g_per_j(self, device: str) -> float | None: ...
+
+    def upstream_g_per_j(self, upstream: str) -> float | None: ...
+
+
 @dataclass(slots=True)
 class OpenRequest:
     record: RequestRecord
@@ -112,6 +120,8 @@ class Accountant:
         meter_devices: devices the meter reads.
         meter_kind: the meter's kind, for ``wattproxy_meter_up``.
         g_per_j: grams CO2e per joule now (grid intensity and PUE), never blocking.
+        grid: where a device or an upstream draws from another grid than ``carbon:`` (an
+            upstream's own ``carbon`` section): its grams per joule now, else ``None``.
         water_l_per_j: litres of water per joule (on-site WUE and the grid's), or ``None``.
         clock: monotonic seconds.
     """
@@ -127,6 +137,7 @@ class Accountant:
         meter_devices: Iterable[str] = (),
         meter_kind: str = "none",
         g_per_j: Callable[[], float] = lambda: 0.0,
+        grid: Grid | None = None,
         water_l_per_j: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         down_after_s: float = DOWN_AFTER_S,
@@ -140,6 +151,7 @@ class Accountant:
         self._metered = set(self.meter_devices)
         self.meter_kind = meter_kind
         self.g_per_j = g_per_j
+        self.grid = grid
         self.water_l_per_j = water_l_per_j
         self.clock = clock
         self.down_after_s = down_after_s
@@ -291,6 +303,7 @@ class Accountant:
     def on_reading(self, reading: Reading) -> None:
         t = reading.timestamp_s
         g_per_j = self.g_per_j()
+        grid = self.grid
         observer = self.observer
         for device, total_j in reading.energy_j.items():
             if device not in self._metered:
@@ -300,7 +313,10 @@ class Accountant:
             last = self._last_energy_j.get(device)
             self._last_energy_j[device] = total_j
             delta_j = 0.0 if last is None or total_j < last else total_j - last
-            outcome, finals = self.engine.sample(device, t, delta_j, g_per_j)
+            own = grid.device_g_per_j(device) if grid is not None else None
+            outcome, finals = self.engine.sample(
+                device, t, delta_j, g_per_j if own is None else own
+            )
             observer.observe_reading(self.meter_kind, outcome, reading.power_w.get(device))
             self._finalize_flights(finals)
         for device, reason in reading.errors.items():
@@ -311,6 +327,11 @@ class Accountant:
             self.engine.gap(device, t)
             if t - since >= self.down_after_s:
                 self._finalize_flights(self.engine.drop_device(device, t))
+
+    def upstream_g_per_j(self, upstream: str) -> float:
+        """Grams CO2e per joule now where ``upstream`` draws its power."""
+        own = self.grid.upstream_g_per_j(upstream) if self.grid is not None else None
+        return self.g_per_j() if own is None else own
 
     def drain(self) -> int:
         """At shutdown: finalize every request that has ended, with what was measured so far."""
@@ -333,7 +354,7 @@ class Accountant:
             rec,
             flight,
             lambda: self.estimator.estimate(req.shape),
-            self.g_per_j(),
+            self.upstream_g_per_j(rec.upstream),
             self.water_l_per_j,
         )
         if flight is not None and rec.basis == MEASURED:

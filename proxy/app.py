@@ -40,7 +40,7 @@ from proxy.middleware import error_middleware
 from proxy.protocol import handler_args
 from proxy.records import RequestRecord
 from proxy.reports.api import Emissions, RecentRecords
-from proxy.route_policy import RouteState
+from proxy.route_policy import RouteState, UpstreamGrids
 from proxy.runtime import Live, Runtime, build_runtime, load_counters, load_keys, model_tasks_of
 from proxy.sessions import Sessions
 from proxy.tokens import TokenCounter
@@ -198,6 +198,8 @@ def build_parts(
         budgets.observe(record)  # releases its hold; next to nothing when disabled
 
     meter = meter if meter is not None else build_meter(cfg.meter, load=LoadTracker())
+    routes = RouteState(carbon, cfg.carbon, lambda c: _carbon_clock(c, metrics, env, section=False))
+    routes.ensure_clocks(cfg.upstreams)  # started with the others (``_lifecycle``)
     accountant = Accountant(
         engine,
         estimator,
@@ -207,6 +209,7 @@ def build_parts(
         meter_devices=meter.devices(),
         meter_kind=meter.kind,
         g_per_j=carbon.g_per_j,
+        grid=UpstreamGrids(routes, lambda: live.runtime.cfg.upstreams),
         water_l_per_j=water_l_per_j(
             cfg.carbon.wue_l_per_kwh, cfg.carbon.grid_water_l_per_kwh, cfg.carbon.pue
         ),
@@ -214,8 +217,6 @@ def build_parts(
     sampler = Sampler(meter, cfg.meter.interval_ms / 1000.0, accountant.on_reading)
     for device in meter.devices():
         metrics.meter_up.labels(device, meter.kind).set(0)
-    routes = RouteState(carbon, cfg.carbon, lambda c: _carbon_clock(c, metrics, env, section=False))
-    routes.ensure_clocks(cfg.upstreams)  # started with the others (``_lifecycle``)
     return Parts(
         live=live,
         metrics=metrics,

@@ -57,7 +57,8 @@ class RequestFigures:
         if rec is not None and rec.source == "measured":
             return rec.energy_j, rec.co2e_g, "measured"
         estimate_j = self.accountant.estimator.estimate(self.req.shape).energy_j
-        return estimate_j, estimate_j * self.accountant.g_per_j(), "estimated"
+        g_per_j = self.accountant.upstream_g_per_j(self.req.record.upstream)
+        return estimate_j, estimate_j * g_per_j, "estimated"
 
 
 def figures_for(

@@ -9,7 +9,7 @@ did, and nothing here runs on the request path.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from estimators.carbon import CarbonClock, CarbonConfig
@@ -170,3 +170,29 @@ class RouteState:
             candidates, r.policy, RouteLimits(r.max_in_flight, r.max_first_byte_s)
         )
         return serving[index], reason
+
+
+class UpstreamGrids:
+    """Grams CO2e per joule for devices and upstreams whose upstream names its own ``carbon``
+    (zone, fixed intensity or PUE), so their records are charged at their own grid, not the
+    ``carbon:`` section's. A device belongs to the first upstream that lists it in
+    ``devices`` with a ``carbon`` of its own; others (and ``devices: null``) use the section.
+    Follows the live config: a reload that moves an upstream moves its grams."""
+
+    def __init__(self, routes: RouteState, upstreams: Callable[[], Sequence[UpstreamConfig]]):
+        self._routes = routes
+        self._upstreams = upstreams
+
+    def device_g_per_j(self, device: str) -> float | None:
+        for upstream in self._upstreams():
+            if upstream.carbon is not None and upstream.devices and device in upstream.devices:
+                return self._routes.clock(upstream).g_per_j()
+        return None
+
+    def upstream_g_per_j(self, name: str) -> float | None:
+        for upstream in self._upstreams():
+            if upstream.name == name:
+                if upstream.carbon is None:
+                    return None
+                return self._routes.clock(upstream).g_per_j()
+        return None

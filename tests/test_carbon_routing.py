@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
@@ -33,7 +34,9 @@ from proxy.errors import ConfigError
 from proxy.identity import KeyStore
 from proxy.route_policy import upstream_carbon
 from proxy.routing import Candidate, RouteLimits, Router, choose
+from tests.conftest import ProxyFactory, proxy_config, url_of
 from tests.helpers.serve import base_config, serve_process
+from tests.helpers.through_proxy import final_record
 
 NO_LIMITS = RouteLimits()
 
@@ -585,3 +588,36 @@ def test_a_keys_deferrable_s_must_be_seconds(tmp_path: Path, value: Any) -> None
     with pytest.raises(ConfigError) as err:
         KeyStore.load(keys)
     assert "keys.0: deferrable_s must be a number of seconds >= 0" in str(err.value)
+
+
+@pytest.mark.parametrize("metered", [True, False])
+async def test_an_upstream_with_its_own_grid_is_charged_at_it(
+    upstream: TestServer, make_proxy: ProxyFactory, tmp_path: Path, metered: bool
+) -> None:
+    """An upstream's own ``carbon`` (here 1000 g/kWh against the section's 100) sets the grams
+    of its records, measured on its devices or estimated, not only its routing."""
+    own_g_per_kwh, section_g_per_kwh = 1000.0, 100.0
+    cfg = proxy_config(
+        url_of(upstream),
+        tmp_path,
+        carbon={"intensity_g_per_kwh": section_g_per_kwh},
+        upstreams=[
+            {
+                "name": "llm",
+                "url": url_of(upstream),
+                "devices": ["gpu0"] if metered else [],
+                "carbon": {"intensity_g_per_kwh": own_g_per_kwh},
+            }
+        ],
+    )
+    proxy, _ = await make_proxy(cfg)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url_of(proxy) + "/v1/chat/completions", json=CHAT) as r,
+    ):
+        assert r.status == 200
+        rid = r.headers["X-Request-Id"]
+    rec = await final_record(url_of(proxy), rid)
+    assert rec["source"] == ("measured" if metered else "estimated")
+    assert rec["energy_j"] > 0
+    assert rec["co2e_g"] == pytest.approx(rec["energy_j"] * own_g_per_kwh / 3.6e6, rel=1e-3)
