@@ -7,8 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from proxy.standins.llamacpp import (
     LLAMA_CPP_PYTHON,
     PY_GENERATED,
@@ -93,11 +91,6 @@ async def test_llama_server_timings_count_when_it_sends_no_usage(
     assert rec["tokens_source"] == "server"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="asked for usage, llama-server moves `timings` from the finish chunk to the usage "
-    "chunk, which the proxy removes: the client loses `timings` it gets directly",
-)
 async def test_llama_server_client_that_asked_nothing_gets_the_direct_bytes(
     aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:

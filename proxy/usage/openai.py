@@ -291,6 +291,9 @@ class OpenAISSE(StreamUsage):
         self._chunk_path = chunk_path and not collect_text
         #: the bytes before and after the text of the last one-event chunk counted whole
         self._like = (b"", b"")
+        #: with ``strip_usage``: a finish event held until the next one shows whether it is the
+        #: injected usage chunk, whose ``timings`` (llama-server) go back into it
+        self._held: bytes | None = None
         self.tokens = 0
         self.done = False
         self.events = 0
@@ -301,7 +304,7 @@ class OpenAISSE(StreamUsage):
         self._text_len = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._chunk_path and self._count_whole_events(chunk):
+        if self._chunk_path and self._held is None and self._count_whole_events(chunk):
             return chunk
         if not self._reframes:
             for event in self._framer.push(chunk):
@@ -310,12 +313,19 @@ class OpenAISSE(StreamUsage):
         strip_nulls = self.strip_usage and self.strip_nulls
         out = []
         for event in self._framer.push(chunk):
-            if self._inspect(event):
+            keep = self._inspect(event)
+            if self._held is not None:
+                held, self._held = self._held, None
+                out.append(held if keep else with_timings_of(held, event))
+            if keep:
                 if strip_nulls and b"null" in event and b'"usage"' in event:
                     event = _USAGE_NULL.sub(b"", event)
                 if self._final_usage and self.energy is not None:
                     self._final_usage = False
                     event = splice_event(event, self.energy)
+                if self.strip_usage and _FINISHED.search(event):
+                    self._held = event  # asked for usage, llama-server moves its timings
+                    continue
                 out.append(event)
         return b"".join(out)
 
@@ -360,6 +370,8 @@ class OpenAISSE(StreamUsage):
             return False
         if b'"timings"' in chunk:
             return False
+        if self.strip_usage and _FINISHED.search(chunk):  # held back by the per-event path
+            return False
         if b'"usage"' in chunk and (
             (self.strip_usage and self.strip_nulls)  # those nulls are cut out
             or chunk.count(b'"usage"') != n
@@ -384,11 +396,14 @@ class OpenAISSE(StreamUsage):
 
     def flush(self) -> bytes:
         rest = self._framer.pending()
-        if rest and self._reframes:
-            return rest if self._inspect(rest) else b""
-        if rest:
-            self._inspect(rest)
-        return b""
+        held, self._held = self._held, None
+        if not self._reframes:
+            if rest:
+                self._inspect(rest)
+            return b""
+        keep = self._inspect(rest) if rest else True
+        out = b"" if held is None else held if keep else with_timings_of(held, rest)
+        return out + rest if rest and keep else out
 
     def _inspect(self, event: bytes) -> bool:
         """Account one event; False when it is the injected usage-only chunk."""
@@ -445,6 +460,38 @@ class OpenAISSE(StreamUsage):
         if self._timings is not None:
             self._usage.fill_from(self._timings)
         return finish_stream(self._usage, self.tokens)
+
+
+def with_timings_of(finish_event: bytes, usage_event: bytes) -> bytes:
+    """``finish_event`` with the ``"timings"`` of the usage chunk the proxy strips put back as
+    its last key, where llama-server puts them when no usage was asked for; unchanged when
+    that chunk has none. The value's bytes are copied as sent (an object of numbers)."""
+    at = usage_event.find(b'"timings"')
+    end = finish_event.rfind(b"}")
+    if at < 0 or end < 0:
+        return finish_event
+    depth, i = 0, usage_event.find(b"{", at)
+    if i < 0:
+        return finish_event
+    in_string = escaped = False
+    for j in range(i, len(usage_event)):
+        c = usage_event[j]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x7B:  # {
+            depth += 1
+        elif c == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return finish_event[:end] + b"," + usage_event[at : j + 1] + finish_event[end:]
+    return finish_event
 
 
 def generated_token(data: bytes) -> tuple[int, bool]:
