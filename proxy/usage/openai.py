@@ -73,6 +73,9 @@ MAX_COLLECTED_TEXT = 1024 * 1024
 #: A chunk's text: group 1 names the field, group 2 is set when the text is empty.
 _PIECE = re.compile(rb'"(content|text)"\s*:\s*"(")?')
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+#: llama-server's ``"timings":`` key, and the decoder that finds where its value ends
+_TIMINGS_MEMBER = re.compile(rb'"timings"\s*:\s*')
+_JSON = json.JSONDecoder()
 #: The chunk-level path (``OpenAISSE._count_whole_events``), on lines of whole events: a line's
 #: first text piece and the rest of its line (so one match per line at most), group 1 set when
 #: the piece is empty; the same for a ``"usage":null``.
@@ -465,33 +468,18 @@ class OpenAISSE(StreamUsage):
 def with_timings_of(finish_event: bytes, usage_event: bytes) -> bytes:
     """``finish_event`` with the ``"timings"`` of the usage chunk the proxy strips put back as
     its last key, where llama-server puts them when no usage was asked for; unchanged when
-    that chunk has none. The value's bytes are copied as sent (an object of numbers)."""
-    at = usage_event.find(b'"timings"')
-    end = finish_event.rfind(b"}")
-    if at < 0 or end < 0:
+    that chunk has none. The member's bytes are copied as sent."""
+    m = _TIMINGS_MEMBER.search(usage_event)
+    close = finish_event.rfind(b"}")
+    if m is None or close < 0:
         return finish_event
-    depth, i = 0, usage_event.find(b"{", at)
-    if i < 0:
+    try:  # a UnicodeDecodeError is a ValueError too
+        rest = usage_event[m.end() :].decode("utf-8")
+        _, value_end = _JSON.raw_decode(rest)
+    except ValueError:
         return finish_event
-    in_string = escaped = False
-    for j in range(i, len(usage_event)):
-        c = usage_event[j]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == 0x5C:  # backslash
-                escaped = True
-            elif c == 0x22:  # quote
-                in_string = False
-        elif c == 0x22:
-            in_string = True
-        elif c == 0x7B:  # {
-            depth += 1
-        elif c == 0x7D:  # }
-            depth -= 1
-            if depth == 0:
-                return finish_event[:end] + b"," + usage_event[at : j + 1] + finish_event[end:]
-    return finish_event
+    value = rest[:value_end].encode("utf-8")
+    return finish_event[:close] + b"," + m.group() + value + finish_event[close:]
 
 
 def generated_token(data: bytes) -> tuple[int, bool]:
