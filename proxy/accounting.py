@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -108,6 +108,45 @@ class OpenRequest:
     ended: bool = False
 
 
+class Accounts(Protocol):
+    """What the request path needs of the accounting: the ``Accountant`` itself in a single
+    process, a worker's ``proxy.workers.remote.RemoteAccountant`` with several."""
+
+    @property
+    def estimator(self) -> Estimator: ...
+
+    @property
+    def requests(self) -> Mapping[str, OpenRequest]: ...
+
+    def begin(
+        self,
+        record: RequestRecord,
+        devices: Iterable[str] | None,
+        prompt_tokens_est: int | None,
+        stream: bool,
+        max_tokens: int | None = None,
+        images: int | None = None,
+        now: float | None = None,
+    ) -> OpenRequest: ...
+
+    def first_byte(self, req: OpenRequest, now: float | None = None) -> None: ...
+
+    def tokens(self, req: OpenRequest, count: int, now: float | None = None) -> None: ...
+
+    def end(
+        self,
+        req: OpenRequest,
+        status: int,
+        usage: Usage,
+        outcome: str = "ok",
+        now: float | None = None,
+    ) -> None: ...
+
+    def provisional(self, request_id: str) -> RequestRecord | None: ...
+
+    def upstream_g_per_j(self, upstream: str) -> float: ...
+
+
 class Accountant:
     """Tracks every request from start to final record.
 
@@ -170,8 +209,12 @@ class Accountant:
         stream: bool,
         max_tokens: int | None = None,
         images: int | None = None,
+        now: float | None = None,
     ) -> OpenRequest:
-        now = self.clock()
+        """Open the request's record (``now``: when it started, monotonic seconds, if not now:
+        a worker process's event read later)."""
+        if now is None:
+            now = self.clock()
         wanted = self.meter_devices if devices is None else list(devices)
         metered = (
             tuple(d for d in wanted if d in self._metered and d not in self._down_since)
@@ -199,26 +242,37 @@ class Accountant:
         self.observer.observe_start(record)
         return req
 
-    def first_byte(self, req: OpenRequest) -> None:
+    def first_byte(self, req: OpenRequest, now: float | None = None) -> None:
         if req.t_first_byte_s is None:
-            now = self.clock()
+            if now is None:
+                now = self.clock()
             req.t_first_byte_s = now
             req.record.ttfb_s = now - req.t_start_s
             if req.devices:
                 self.engine.first_byte(req.record.request_id, now)
 
-    def tokens(self, req: OpenRequest, count: int) -> None:
+    def tokens(self, req: OpenRequest, count: int, now: float | None = None) -> None:
         if count:
-            now = req.t_last_token_s = self.clock()
+            if now is None:
+                now = self.clock()
+            req.t_last_token_s = now
             if req.devices:
                 self.engine.tokens(req.record.request_id, count, now)
 
-    def end(self, req: OpenRequest, status: int, usage: Usage, outcome: str = "ok") -> None:
+    def end(
+        self,
+        req: OpenRequest,
+        status: int,
+        usage: Usage,
+        outcome: str = "ok",
+        now: float | None = None,
+    ) -> None:
         """The response is over (or broke off): close its timing and wait for the meter."""
         if req.ended:
             return
         req.ended = True
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         rec = req.record
         rec.status = status
         rec.outcome = outcome

@@ -124,7 +124,7 @@ def _carbon_clock(
     return CarbonClock(provider, carbon.zone, carbon.pue, carbon.refresh_s, on_update=on_update)
 
 
-def _estimator(cfg: Config) -> Estimator:
+def build_estimator(cfg: Config) -> Estimator:
     """The estimator, with the model of every upstream whose ``model_path`` holds a config
     (a folder with only a tokenizer still counts tokens; its estimates use the task priors)."""
     estimator = Estimator()
@@ -162,7 +162,7 @@ def build_parts(
         idle_w,
         embodied_g_per_s={d: e.rate_g_per_s for d, e in cfg.meter.embodied().items()},
     )
-    estimator = _estimator(cfg)
+    estimator = build_estimator(cfg)
     ledger = (
         ledger if ledger is not None else open_ledger(cfg.ledger.url, cfg.ledger.retention_days)
     )
@@ -178,7 +178,7 @@ def build_parts(
         on_written=budgets.written,
     )
     recent = RecentRecords()
-    # sessions are opened and tokenizers loaded at startup (``_lifecycle``), in the loop
+    # sessions are opened and tokenizers loaded at startup (``lifecycle``), in the loop
     counters = {u.name: TokenCounter(u.model_path) for u in cfg.upstreams if u.model_path}
     live = Live(build_runtime(cfg, load_keys(cfg), env, budgets, {}, counters, model_tasks_of(cfg)))
 
@@ -199,7 +199,7 @@ def build_parts(
 
     meter = meter if meter is not None else build_meter(cfg.meter, load=LoadTracker())
     routes = RouteState(carbon, cfg.carbon, lambda c: _carbon_clock(c, metrics, env, section=False))
-    routes.ensure_clocks(cfg.upstreams)  # started with the others (``_lifecycle``)
+    routes.ensure_clocks(cfg.upstreams)  # started with the others (``lifecycle``)
     accountant = Accountant(
         engine,
         estimator,
@@ -236,7 +236,7 @@ def build_parts(
     )
 
 
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     parts = app[PARTS]
     rt = parts.runtime
     await parts.ledger.open()
@@ -297,10 +297,6 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
         middlewares=[error_middleware(lambda: live.runtime.cfg.identity.trust_request_id)],
     )
     app[PARTS] = parts
-    admin_token = parts.environ.get(cfg.admin_token_env) or None
-    emissions = Emissions(
-        parts.ledger, parts.accountant, parts.recent, CurrentIdentity(live), admin_token
-    )
     forwarder = Forwarder(
         live,
         parts.sessions,
@@ -310,6 +306,20 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
         routes=parts.routes,
     )
     app[FORWARDER] = forwarder
+    add_accounting_routes(app, cfg, parts)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def add_accounting_routes(app: web.Application, cfg: Config, parts: Parts) -> None:
+    """The routes the accounting parts answer: ``/metrics`` (unless on its own listener),
+    ``/healthz``, ``/readyz`` and the emission endpoints. With several workers, the accounting
+    process serves them and the workers pass them on (``proxy.workers``)."""
+    admin_token = parts.environ.get(cfg.admin_token_env) or None
+    emissions = Emissions(
+        parts.ledger, parts.accountant, parts.recent, CurrentIdentity(parts.live), admin_token
+    )
 
     async def metrics(request: web.Request) -> web.Response:
         return await metrics_handler(request, parts.metrics)
@@ -318,11 +328,9 @@ def create_app(cfg: Config, parts: Parts | None = None, **kwargs: object) -> web
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get(
-        "/readyz", readyz_handler(live, parts.ledger, parts.writer, parts.meter, parts.sampler)
+        "/readyz",
+        readyz_handler(parts.live, parts.ledger, parts.writer, parts.meter, parts.sampler),
     )
     app.router.add_get("/v1/emissions/requests/{request_id}", emissions.record)
     app.router.add_get("/v1/emissions/users/{user}", emissions.user_report)
     app.router.add_get("/v1/emissions/summary", emissions.summary)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
-    app.cleanup_ctx.append(_lifecycle)
-    return app

@@ -9,12 +9,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.config import Config, config_warnings, file_problems, load_config
+from proxy.config import ENV_PREFIX, Config, config_warnings, file_problems, load_config
 from proxy.errors import ConfigError, LedgerError
 
 EXIT_CONFIG = 2
@@ -83,6 +84,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers is not None:  # as its env override, so it is validated with the rest
+        os.environ[f"{ENV_PREFIX}LISTEN__WORKERS"] = args.workers
     try:
         cfg = _config(args.config)
         _check_files(cfg, _config_path(args.config) or "defaults")
@@ -198,6 +201,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the proxy")
     s.add_argument("--config", default=None, help="config file (default ./config.yaml if present)")
+    s.add_argument(
+        "--workers",
+        default=None,
+        help="worker processes accepting on the port, or auto (one per core); overrides "
+        "listen.workers",
+    )
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run the whole pipeline locally with a simulated GPU")

@@ -45,6 +45,16 @@ class ListenConfig(Section):
     read_timeout_s: float = Field(30.0, gt=0)
     #: seconds to let in-flight streams finish on SIGTERM
     shutdown_grace_s: float = Field(30.0, ge=0)
+    #: worker processes accepting on the port (SO_REUSEPORT) beside one accounting process;
+    #: ``auto``: one per core this process may use. 1: a single process does everything.
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a count >= 1, or auto")
+        return v
 
 
 class TimeoutsConfig(Section):
@@ -251,6 +261,12 @@ class Config(Section):
             raise ValueError(f"upstreams: names must be unique, repeated: {', '.join(dupes)}")
         if not self.upstreams:
             raise ValueError("upstreams: at least one upstream is needed")
+        if self.tracing.enabled and self.listen.workers != 1:
+            raise ValueError(
+                "tracing.enabled: spans are not yet supported with listen.workers other than 1 "
+                "(a span opens in a worker and ends with the final record in the accounting "
+                "process); use one worker, or turn tracing off"
+            )
         return self
 
 

@@ -27,7 +27,7 @@ from proxy.usage.base import BodyUsage, RequestPlan, StreamUsage
 from proxy.usage.energy_splice import Figures, UsageSplicer, number
 
 if TYPE_CHECKING:
-    from proxy.accounting import Accountant, OpenRequest
+    from proxy.accounting import Accounts, OpenRequest
 
 #: The request header that asks for energy in the answer (value ``include``).
 REQUEST_HEADER = "X-Wattproxy-Energy"
@@ -46,7 +46,7 @@ class RequestFigures:
 
     __slots__ = ("accountant", "estimate_j", "req")
 
-    def __init__(self, accountant: Accountant, req: OpenRequest) -> None:
+    def __init__(self, accountant: Accounts, req: OpenRequest) -> None:
         self.accountant = accountant
         self.req = req
         #: what the estimator expects of the request before its answer
@@ -62,7 +62,7 @@ class RequestFigures:
 
 
 def figures_for(
-    enabled: bool, headers: Mapping[str, str], accountant: Accountant, req: OpenRequest
+    enabled: bool, headers: Mapping[str, str], accountant: Accounts, req: OpenRequest
 ) -> RequestFigures | None:
     """The figures callable for ``plan.energy``; None when energy was not asked for, or the
     request is no inference (``OTHER``: charged nothing)."""

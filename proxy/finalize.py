@@ -24,7 +24,7 @@ from proxy.tasks import OTHER
 NOT_SERVED = frozenset(("upstream_unavailable", "payload_too_large", "client_timeout"))
 #: Outcomes where the client left (or the proxy stopped it) while the upstream had the request:
 #: its server may go on computing it.
-ABORTED = frozenset(("client_disconnect", "cancelled"))
+ABORTED = frozenset(("client_disconnect", "cancelled", "proxy_restart"))
 #: The basis of a request measured whole: the only kind the estimator calibrates on.
 MEASURED = "measured"
 

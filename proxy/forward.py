@@ -11,7 +11,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from estimators.carbon import deferral_s
 from estimators.estimator import RequestShape
 from proxy import energy_answer
-from proxy.accounting import Accountant
+from proxy.accounting import Accounts
 from proxy.bodies import BODY_METHODS, armed_when_sent, body_chunks, is_json, observed, read_limited
 from proxy.config import UpstreamConfig
 from proxy.errors import (
@@ -35,7 +35,6 @@ from proxy.errors import (
 )
 from proxy.headers import REQUEST_DROP, client_request_id, filter_headers, request_id
 from proxy.identity import Identity
-from proxy.metrics import Metrics
 from proxy.records import RequestRecord, utc_now_iso
 from proxy.route_policy import RouteState, is_active
 from proxy.runtime import Live, Runtime
@@ -68,6 +67,15 @@ def plan_request(api: str, path: str, doc: Any) -> RequestPlan:
         return for_api("generic").plan(path, doc)
 
 
+class Counters(Protocol):
+    """The decisions the handler counts itself (``proxy.metrics.Metrics``; a worker process
+    sends them to the accounting process)."""
+
+    def route_decision(self, upstream: str, reason: str) -> None: ...
+
+    def budget_rejection(self, scope: str) -> None: ...
+
+
 class Forwarder:
     """The catch-all route's handler.
 
@@ -75,15 +83,15 @@ class Forwarder:
         live: the runtime in force (config, router, sessions, keys, budgets...).
         sessions: the upstream sessions' book (who uses which, retired ones).
         accountant: opens and closes every forwarded request's record.
-        metrics: for budget rejections (the accountant reports the rest).
+        counters: routing decisions and budget rejections (the accountant reports the rest).
     """
 
     def __init__(
         self,
         live: Live,
         sessions: Sessions,
-        accountant: Accountant,
-        metrics: Metrics,
+        accountant: Accounts,
+        counters: Counters,
         tracing: NullTracing | None = None,
         routes: RouteState | None = None,
     ) -> None:
@@ -92,7 +100,7 @@ class Forwarder:
         self.routes = routes
         self.sessions = sessions
         self.accountant = accountant
-        self.metrics = metrics
+        self.counters = counters
         self.tracing = tracing or NullTracing()
         #: trusted client ids being handled, before the accountant holds them (budget, body)
         self._claimed: set[str] = set()
@@ -115,7 +123,7 @@ class Forwarder:
             if rt.cfg.routing.max_deferral_s > 0:
                 deferred_s = await self._defer(request, rt, upstream, who)
             if reason is not None and self.routes is not None:
-                self.metrics.route_decisions.labels(upstream.name, reason).inc()
+                self.counters.route_decision(upstream.name, reason)
                 self.routes.begin(upstream.name)
                 routed = upstream.name
             task = task_for(
@@ -137,7 +145,7 @@ class Forwarder:
                 try:
                     await rt.budget_check(who, rid, shape)
                 except BudgetExceeded as err:
-                    self.metrics.budget_rejections.labels(err.extra.get("scope", "user")).inc()
+                    self.counters.budget_rejection(err.extra.get("scope", "user"))
                     raise
             return await self._forward(
                 request, rt, rid, who, upstream, task, plan, data, client_id, reason, deferred_s
@@ -344,7 +352,7 @@ class Forwarder:
             except ProxyError as err:
                 status, outcome = err.status, err.outcome
                 raise
-            status = resp.status
+            status = req.record.status = resp.status  # known to the accounting from its 1st byte
             out, relay = await start_response(
                 request,
                 resp,

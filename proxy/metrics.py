@@ -265,6 +265,12 @@ class Metrics:
             ("scope",),
             registry=r,
         )
+        self.worker_restarts = Counter(
+            "wattproxy_worker_restarts",
+            "Worker processes (listen.workers > 1) started again after exiting unasked; their "
+            "requests in flight are recorded with outcome proxy_restart.",
+            registry=r,
+        )
         self.estimator_error = Histogram(
             "wattproxy_estimator_relative_error",
             "|estimate - measured| / measured of the calibrated estimator, before each update.",
@@ -317,6 +323,14 @@ class Metrics:
         if pair is None:
             pair = self._energy[labels] = (self.energy.labels(*labels), self.co2e.labels(*labels))
         return pair
+
+    # -- decisions the request path counts (in a worker process: sent to the accounting one) --
+
+    def route_decision(self, upstream: str, reason: str) -> None:
+        self.route_decisions.labels(upstream, reason).inc()
+
+    def budget_rejection(self, scope: str) -> None:
+        self.budget_rejections.labels(scope).inc()
 
     # -- observers: the accountant hands records and readings here, the sink final records ----
 

@@ -12,15 +12,27 @@ streaming through them are done.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Mapping
+from typing import Protocol
 
-from proxy.config import Config
-from proxy.runtime import build_runtime, load_counters, load_keys, model_tasks_of
-from proxy.sessions import UpstreamSession
+from proxy.background import Background
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError
+from proxy.route_policy import RouteState
+from proxy.runtime import (
+    BudgetGate,
+    Live,
+    Runtime,
+    build_runtime,
+    load_counters,
+    load_keys,
+    model_tasks_of,
+)
+from proxy.sessions import Sessions, UpstreamSession
 from proxy.tokens import TokenCounter
 
-if TYPE_CHECKING:
-    from proxy.app import Parts
+log = logging.getLogger("wattproxy")
 
 #: Config sections a SIGHUP reload does not apply (listeners, meter, ledger...): restart.
 RESTART_ONLY = (
@@ -35,7 +47,47 @@ RESTART_ONLY = (
 )
 
 
-async def apply_config(parts: Parts, new: Config) -> list[str]:
+class Reloadable(Protocol):
+    """What a reload replaces and reconfigures: ``proxy.app.Parts`` of a proxy process, a
+    worker's ``proxy.workers.worker.WorkerParts``."""
+
+    live: Live
+    sessions: Sessions
+    environ: Mapping[str, str]
+    background: Background
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def budgets(self) -> BudgetGate | None: ...
+
+    @property
+    def routes(self) -> RouteState | None: ...
+
+
+async def reload_file(path: str | None, parts: Reloadable) -> Config | None:
+    """Read the config file again and apply it; the new config, or None (the running one
+    kept, and the reason logged) when it is invalid or there is no file."""
+    if path is None:
+        log.warning("reload: started without a config file; nothing to reload")
+        return None
+    try:
+        new = await asyncio.to_thread(load_config, path)
+        restart = await apply_config(parts, new)
+    except ConfigError as err:
+        log.error(
+            "reload of %s failed; the running config stays:\n  %s", path, "\n  ".join(err.problems)
+        )
+        return None
+    names = ", ".join(u.name for u in new.upstreams)
+    log.info("reloaded %s: upstreams %s", path, names)
+    if restart:
+        log.warning("reload: changes to %s apply after a restart", ", ".join(restart))
+    return new
+
+
+async def apply_config(parts: Reloadable, new: Config) -> list[str]:
     """Apply a reloaded config to the running proxy.
 
     Returns the changed sections that a reload does not apply (they keep their old values).

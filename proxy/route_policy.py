@@ -88,6 +88,10 @@ class RouteState:
                 new.append(clock)
         return new
 
+    def clocks(self) -> list[CarbonClock]:
+        """Every clock, the ``carbon:`` section's first."""
+        return list(self._clocks.values())
+
     def extra_clocks(self) -> list[CarbonClock]:
         """The clocks other than the ``carbon:`` section's."""
         return [c for k, c in self._clocks.items() if k != _key(self._base_cfg)]

@@ -10,17 +10,35 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from estimators.estimator import RequestShape
 from estimators.model_card import task_from_model_path
-from proxy.budgets import Budgets
-from proxy.config import Config
+from proxy.config import BudgetsConfig, Config
 from proxy.identity import Identity, IdentityResolver, KeyStore
 from proxy.routing import Router
 from proxy.sessions import UpstreamSession
 from proxy.tokens import TokenCounter
 
 log = logging.getLogger("wattproxy")
+
+
+class BudgetGate(Protocol):
+    """The budgets as a runtime uses them: ``proxy.budgets.Budgets``, or a worker's
+    ``RemoteBudgets`` (asked of the accounting process)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def check(
+        self,
+        identity: Identity,
+        request_id: str | None = None,
+        shape: RequestShape | None = None,
+    ) -> None: ...
+
+    def reconfigure(self, cfg: BudgetsConfig) -> None: ...
+
 
 #: Budget check: raises ``BudgetExceeded`` for an identity over its budget, else reserves the
 #: request's expected grams (by request id, from its shape) until its record is final.
@@ -64,7 +82,7 @@ def build_runtime(
     cfg: Config,
     keys: KeyStore | None,
     environ: Mapping[str, str],
-    budgets: Budgets | None,
+    budgets: BudgetGate | None,
     sessions: Mapping[str, UpstreamSession],
     counters: Mapping[str, TokenCounter],
     model_tasks: Mapping[str, str],

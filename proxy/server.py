@@ -21,11 +21,10 @@ from typing import Any
 from aiohttp import web
 
 from proxy.app import PARTS, create_app
-from proxy.config import Config, load_config
-from proxy.errors import ConfigError
+from proxy.config import Config
 from proxy.metrics import metrics_handler
 from proxy.protocol import ProxyRunner, handler_args
-from proxy.reload import apply_config
+from proxy.reload import reload_file
 
 log = logging.getLogger("wattproxy")
 
@@ -33,7 +32,7 @@ log = logging.getLogger("wattproxy")
 MIN_FDS = 16_384
 
 
-def _ssl_context(cfg: Config) -> ssl.SSLContext | None:
+def ssl_context(cfg: Config) -> ssl.SSLContext | None:
     tls = cfg.listen.tls
     if tls is None:
         return None
@@ -80,7 +79,7 @@ class Service:
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, ssl_context=_ssl_context(cfg))
+        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, ssl_context=ssl_context(cfg))
         await site.start()
         if cfg.listen.metrics_port is not None:
             parts = self.app[PARTS]
@@ -114,28 +113,13 @@ class Service:
     async def reload(self) -> bool:
         """Read the config file again and apply it; False (old config kept) when it is
         invalid or there is no file."""
-        path = self.config_path
-        if path is None:
-            log.warning("reload: started without a config file; nothing to reload")
-            return False
         async with self._reload_lock:
-            try:
-                new = await asyncio.to_thread(load_config, path)
-                restart = await apply_config(self.app[PARTS], new)
-            except ConfigError as err:
-                log.error(
-                    "reload of %s failed; the running config stays:\n  %s",
-                    path,
-                    "\n  ".join(err.problems),
-                )
+            new = await reload_file(self.config_path, self.app[PARTS])
+            if new is None:
                 return False
             if new.log.level != self._log_level:
                 logging.getLogger().setLevel(new.log.level.upper())
                 self._log_level = new.log.level
-            names = ", ".join(u.name for u in new.upstreams)
-            log.info("reloaded %s: upstreams %s", path, names)
-            if restart:
-                log.warning("reload: changes to %s apply after a restart", ", ".join(restart))
             return True
 
     async def stop(self) -> None:
@@ -157,23 +141,34 @@ async def run(
     cfg: Config, config_path: str | None = None, ready: asyncio.Event | None = None
 ) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads ``config_path`` (the file ``cfg`` came
-    from, as the CLI resolved it)."""
-    service = Service(cfg, config_path)
-    await service.start()
+    from, as the CLI resolved it). With ``listen.workers`` above 1 this process is the
+    accounting process of that many workers (``proxy.workers``)."""
+    from proxy.workers.supervisor import Supervisor, resolve_workers
+
+    workers = resolve_workers(cfg.listen.workers)
+    service: Service | Supervisor = (
+        Supervisor(cfg, config_path, workers) if workers > 1 else Service(cfg, config_path)
+    )
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
     loop = asyncio.get_running_loop()
 
     def on_hup() -> None:
-        task = loop.create_task(service.reload(), name="wattproxy:reload")
+        task: asyncio.Task[bool] = loop.create_task(service.reload(), name="wattproxy:reload")
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    # before starting: a signal while workers start must not take the default action (exit)
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await service.start()
+    except BaseException:
+        await service.stop()
+        raise
     if ready is not None:
         ready.set()
     try:

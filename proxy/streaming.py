@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import energy_answer
-from proxy.accounting import Accountant, OpenRequest
+from proxy.accounting import Accounts, OpenRequest
 from proxy.bodies import is_json
 from proxy.config import UpstreamConfig
 from proxy.headers import RESPONSE_DROP, filter_headers
@@ -110,7 +110,7 @@ async def start_response(
 async def relay_body(
     resp: aiohttp.ClientResponse,
     out: web.StreamResponse,
-    acc: Accountant,
+    acc: Accounts,
     req: OpenRequest,
     relay: Relay,
 ) -> str:

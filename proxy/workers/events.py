@@ -1,0 +1,78 @@
+"""The request events a worker process sends the accounting process, and their wire form.
+
+One line per batch: a JSON array of events, each an array whose first member names its kind.
+Times are ``time.monotonic()`` seconds, one clock for every process of the machine (Linux's
+``CLOCK_MONOTONIC``), so the accounting process places each event where it happened, whatever
+the batching delayed it by.
+
+    ["h", pid, index]                                         a worker is serving
+    ["b", record, devices, prompt_est, stream, max_tokens, images, t]    a request starts
+    ["f", request_id, status, t]                              its first byte from upstream
+    ["t", request_id, tokens, t]                              tokens streamed (summed per batch)
+    ["e", request_id, status, usage, outcome, extra, t]       it ended
+    ["c", counter, labels]                                    a decision counted (routing...)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.usage.base import Usage, parse_json
+
+try:  # optional, as elsewhere: several times faster
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _orjson = None  # type: ignore[assignment]
+
+HELLO = "h"
+BEGIN = "b"
+FIRST_BYTE = "f"
+TOKENS = "t"
+END = "e"
+COUNT = "c"
+
+#: The counters a worker may increment in the accounting process (``Counters``' methods).
+COUNTERS = frozenset(("route_decision", "budget_rejection"))
+
+Event = list[Any]
+
+
+def encode(events: list[Event]) -> bytes:
+    """One batch, one line (JSON never holds a raw line end)."""
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(events) + b"\n"
+        except TypeError:
+            pass
+    return json.dumps(events, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def decode(line: bytes) -> list[Event]:
+    events = parse_json(line)
+    if not isinstance(events, list):
+        raise ValueError("an event batch is a JSON array")
+    return events
+
+
+def usage_doc(usage: Usage) -> dict[str, Any]:
+    """What the accounting needs of a request's usage (its text was counted in the worker)."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "tokens_source": usage.tokens_source,
+        "images": usage.images,
+        "audio_s": usage.audio_s,
+        "model": usage.model,
+    }
+
+
+def usage_of(doc: dict[str, Any]) -> Usage:
+    return Usage(
+        prompt_tokens=doc.get("prompt_tokens"),
+        completion_tokens=doc.get("completion_tokens"),
+        tokens_source=doc.get("tokens_source") or "none",
+        images=doc.get("images"),
+        audio_s=doc.get("audio_s"),
+        model=doc.get("model"),
+    )

@@ -1,0 +1,309 @@
+"""A worker process's link to the accounting process: the batched event channel, the
+accountant the request path talks to (``RemoteAccountant``), the counters and the budget check
+it sends on, and the endpoints it passes on (``/metrics``, ``/readyz``, ``/v1/emissions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from estimators.estimator import Estimator, RequestShape
+from proxy.accounting import OpenRequest
+from proxy.config import BudgetsConfig
+from proxy.errors import BudgetExceeded
+from proxy.headers import RESPONSE_DROP, filter_headers
+from proxy.identity import Identity
+from proxy.records import RequestRecord
+from proxy.usage.base import Usage
+from proxy.workers import events
+from proxy.workers.events import Event
+
+log = logging.getLogger("wattproxy.worker")
+
+#: Seconds events wait to go out together: per-request IPC is then a few bytes of a batch; the
+#: meter samples every ``meter.interval_ms`` (100 ms by default), and the events carry their
+#: own times, so this delay moves no joule.
+FLUSH_S = 0.005
+#: The budget check's own deadline (the accounting process's ledger timeout is inside it).
+BUDGET_RPC_TIMEOUT_S = 15.0
+#: Base URL of the accounting process's HTTP server (on a Unix socket: the host is a name).
+ACCOUNTING_URL = "http://accounting"
+
+
+class EventChannel:
+    """Sends events in batches: appended as they happen, written together ``flush_s`` after
+    the first of a batch. A request's tokens are summed within a batch (one event per request
+    per batch, placed where its first tokens came, so before its end)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, flush_s: float = FLUSH_S) -> None:
+        self._writer = writer
+        self._flush_s = flush_s
+        self._events: list[Event] = []
+        self._tokens: dict[str, Event] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def send(self, event: Event) -> None:
+        self._events.append(event)
+        self._arm()
+
+    def tokens(self, request_id: str, count: int, t_s: float) -> None:
+        pending = self._tokens.get(request_id)
+        if pending is not None:
+            pending[2] += count
+            pending[3] = t_s
+            return
+        event: Event = [events.TOKENS, request_id, count, t_s]
+        self._tokens[request_id] = event
+        self._events.append(event)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is None and not self.closed:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_s, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        if not self._events or self._writer.is_closing():
+            return
+        batch, self._events = self._events, []
+        self._tokens.clear()
+        self._writer.write(events.encode(batch))
+
+    async def close(self) -> None:
+        """Send what is left and close (at the worker's end)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
+        self.closed = True
+        if not self._writer.is_closing():
+            try:
+                await self._writer.drain()
+            except ConnectionError:
+                pass
+            self._writer.close()
+
+
+class RemoteAccountant:
+    """The request path's accountant in a worker: it keeps each request's timing (for its
+    record and headers) and sends every step to the accounting process, which holds the
+    record until it is final.
+
+    Energy figures in an answer (``response.energy_in_usage``) are the estimator's
+    (``source: "estimated"``): the energy measured so far is the accounting process's.
+    """
+
+    def __init__(
+        self,
+        channel: EventChannel,
+        estimator: Estimator,
+        g_per_j: Callable[[str], float],
+        worker: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.channel = channel
+        self.worker = worker
+        self.estimator = estimator
+        self._g_per_j = g_per_j
+        self.clock = clock
+        #: requests being handled here (their ids: a trusted client id is not taken twice)
+        self.requests: dict[str, OpenRequest] = {}
+
+    def begin(
+        self,
+        record: RequestRecord,
+        devices: Iterable[str] | None,
+        prompt_tokens_est: int | None,
+        stream: bool,
+        max_tokens: int | None = None,
+        images: int | None = None,
+        now: float | None = None,
+    ) -> OpenRequest:
+        if now is None:
+            now = self.clock()
+        shape = RequestShape(
+            upstream=record.upstream,
+            model=record.model,
+            task=record.task,
+            prompt_tokens=prompt_tokens_est,
+            completion_tokens=max_tokens,
+            images=images,
+        )
+        record.extra["worker"] = self.worker  # which worker served it (the record says)
+        wanted = None if devices is None else list(devices)
+        req = OpenRequest(record, shape, tuple(wanted or ()), now)
+        self.requests[record.request_id] = req
+        self.channel.send(
+            [
+                events.BEGIN,
+                record.to_dict(),
+                wanted,
+                prompt_tokens_est,
+                stream,
+                max_tokens,
+                images,
+                now,
+            ]
+        )
+        return req
+
+    def first_byte(self, req: OpenRequest, now: float | None = None) -> None:
+        if req.t_first_byte_s is None:
+            if now is None:
+                now = self.clock()
+            req.t_first_byte_s = now
+            req.record.ttfb_s = now - req.t_start_s
+            rec = req.record
+            self.channel.send([events.FIRST_BYTE, rec.request_id, rec.status, now])
+
+    def tokens(self, req: OpenRequest, count: int, now: float | None = None) -> None:
+        if count:
+            if now is None:
+                now = self.clock()
+            req.t_last_token_s = now
+            self.channel.tokens(req.record.request_id, count, now)
+
+    def end(
+        self,
+        req: OpenRequest,
+        status: int,
+        usage: Usage,
+        outcome: str = "ok",
+        now: float | None = None,
+    ) -> None:
+        if req.ended:
+            return
+        req.ended = True
+        if now is None:
+            now = self.clock()
+        rec = req.record
+        self.requests.pop(rec.request_id, None)
+        rec.status = status
+        rec.outcome = outcome
+        self.channel.send(
+            [
+                events.END,
+                rec.request_id,
+                status,
+                events.usage_doc(usage),
+                outcome,
+                rec.extra,
+                now,
+            ]
+        )
+
+    def provisional(self, request_id: str) -> RequestRecord | None:
+        return None  # measured figures live in the accounting process
+
+    def upstream_g_per_j(self, upstream: str) -> float:
+        return self._g_per_j(upstream)
+
+
+class RemoteCounters:
+    """Routing decisions and budget rejections, counted in the accounting process's metrics."""
+
+    def __init__(self, channel: EventChannel) -> None:
+        self.channel = channel
+
+    def route_decision(self, upstream: str, reason: str) -> None:
+        self.channel.send([events.COUNT, "route_decision", [upstream, reason]])
+
+    def budget_rejection(self, scope: str) -> None:
+        self.channel.send([events.COUNT, "budget_rejection", [scope]])
+
+
+class AccountingLink:
+    """HTTP to the accounting process over its Unix socket: the budget check and the endpoints
+    a worker passes on."""
+
+    def __init__(self, http_path: str) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=http_path),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def pass_on(self, request: web.Request) -> web.Response:
+        """Answer ``request`` with the accounting process's answer to it."""
+        headers = filter_headers(request.headers, RESPONSE_DROP)
+        body = await request.read() if request.body_exists else None
+        async with self.session.request(
+            request.method, ACCOUNTING_URL + request.path_qs, headers=headers, data=body
+        ) as r:
+            data = await r.read()
+            out = filter_headers(r.headers, RESPONSE_DROP)
+            out.popall("Content-Length", None)
+            return web.Response(status=r.status, body=data, headers=out)
+
+
+class RemoteBudgets:
+    """The budget check of a worker: asked of the accounting process, which holds the budgets,
+    their reservations and the ledger's figures for every worker."""
+
+    def __init__(self, cfg: BudgetsConfig, link: AccountingLink) -> None:
+        self.cfg = cfg
+        self.link = link
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cfg.users or self.cfg.teams or self.cfg.default)
+
+    def reconfigure(self, cfg: BudgetsConfig) -> None:
+        self.cfg = cfg
+
+    async def check(
+        self,
+        identity: Identity,
+        request_id: str | None = None,
+        shape: RequestShape | None = None,
+    ) -> None:
+        doc: dict[str, Any] = {
+            "identity": {"user": identity.user, "team": identity.team},
+            "request_id": request_id,
+            "shape": None if shape is None else budget_shape_doc(shape),
+        }
+        try:
+            async with asyncio.timeout(BUDGET_RPC_TIMEOUT_S):
+                async with self.link.session.post(ACCOUNTING_URL + BUDGET_PATH, json=doc) as r:
+                    answer = await r.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            log.warning("budget check unanswered by the accounting process (%s): admitted", e)
+            return  # budgets fail open, as they do when the ledger does not answer
+        if r.status == 429:
+            raise BudgetExceeded(answer["message"], **answer.get("extra", {}))
+
+
+#: The accounting process's budget check (its Unix socket only).
+BUDGET_PATH = "/_wattproxy/budget"
+
+
+def budget_shape_doc(shape: RequestShape) -> dict[str, Any]:
+    return {
+        "upstream": shape.upstream,
+        "model": shape.model,
+        "task": shape.task,
+        "prompt_tokens": shape.prompt_tokens,
+        "completion_tokens": shape.completion_tokens,
+        "images": shape.images,
+    }
+
+
+def budget_shape_of(doc: dict[str, Any]) -> RequestShape:
+    return RequestShape(
+        upstream=doc["upstream"],
+        model=doc.get("model"),
+        task=doc["task"],
+        prompt_tokens=doc.get("prompt_tokens"),
+        completion_tokens=doc.get("completion_tokens"),
+        images=doc.get("images"),
+    )

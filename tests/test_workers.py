@@ -1,0 +1,281 @@
+"""``wattproxy serve`` with ``listen.workers: 2``: two worker processes accept on one port and
+one accounting process owns the meter, the engine, the ledger, the budgets and ``/metrics``.
+Every promise of a single process is checked again here, through real processes and signals:
+conservation, provisional then final records, budgets, reload, drain, the ledger, and a worker
+that dies (restarted, its requests closed as ``proxy_restart``, nothing counted twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from proxy.ledger.sqlite import SQLiteLedger
+from proxy.records import RequestRecord
+from proxy.standins import StandIn
+from tests.conftest import url_of
+from tests.helpers.serve import ServedProcess, base_config, free_port, serve_process
+from tests.helpers.through_proxy import CHAT, final_record
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def workers_config(upstream_url: str, tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    doc = base_config(upstream_url, tmp_path, **sections)
+    doc["listen"] = {"port": free_port(), "workers": 2, **sections.get("listen", {})}
+    return doc
+
+
+def worker_pids(served: ServedProcess) -> list[int]:
+    """The accounting process's children: its workers."""
+    pid = served.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+async def wait_until(predicate: Any, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
+async def scrape(base: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(base + "/metrics") as r:
+        return await r.text()
+
+
+async def metric(base: str, name: str, having: str = "") -> float:
+    """The sum of the samples of ``name`` on /metrics (those whose line has ``having``)."""
+    return sample_sum(await scrape(base), name, having)
+
+
+def sample_sum(text: str, name: str, having: str = "") -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and having in line
+    )
+
+
+def ledger_ids(path: Path) -> list[str]:
+    """Every request id in the SQLite ledger, as many times as it is there."""
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT request_id FROM records")]
+
+
+async def ledger_record(path: Path, rid: str) -> RequestRecord:
+    ledger = SQLiteLedger(str(path))
+    await ledger.open()
+    try:
+        rec = await ledger.get(rid)
+    finally:
+        await ledger.close()
+    assert rec is not None, rid
+    return rec
+
+
+async def chat(base: str, body: dict[str, Any] | None = None) -> tuple[int, str, bytes]:
+    """One request on its own connection (so the kernel spreads them over the workers)."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(base + "/v1/chat/completions", json=body or CHAT) as r,
+    ):
+        return r.status, r.headers.get("X-Request-Id", ""), await r.read()
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(StandIn(flavor="vllm", scale=0.05).app())
+    return server
+
+
+async def test_two_workers_share_the_port_and_every_joule_is_counted_once(
+    upstream: TestServer, tmp_path: Path
+) -> None:
+    doc = workers_config(url_of(upstream), tmp_path)
+    async with serve_process(doc, tmp_path) as served:
+        assert len(worker_pids(served)) == 2
+        bodies = [CHAT, {**CHAT, "stream": True}, {**CHAT, "max_tokens": 4}]
+        results = await asyncio.gather(*(chat(served.base, bodies[i % 3]) for i in range(30)))
+        assert all(status == 200 for status, _, _ in results)
+        records = [await final_record(served.base, rid, 20.0) for _, rid, _ in results]
+        # both workers served, one accounting process holds every record
+        assert {r["worker"] for r in records} == {0, 1}
+        assert all(r["source"] == "measured" and r["energy_j"] > 0 for r in records)
+        assert all(r["completion_tokens"] for r in records)
+        # conservation: what the device drew = what requests were charged + unattributed
+        text = await scrape(served.base)  # one scrape: the meter goes on sampling
+        device_j = sample_sum(text, "wattproxy_device_energy_joules_total")
+        attributed_j = sample_sum(text, "wattproxy_attributed_energy_joules_total")
+        unattributed_j = sample_sum(text, "wattproxy_unattributed_energy_joules_total")
+        assert device_j > 0
+        assert attributed_j + unattributed_j == pytest.approx(device_j, rel=1e-9)
+        charged_j = sample_sum(text, "wattproxy_energy_joules_total")
+        assert charged_j == pytest.approx(attributed_j, rel=1e-6)
+        assert charged_j == pytest.approx(sum(r["energy_j"] for r in records), rel=1e-3)
+        assert await metric(served.base, "wattproxy_requests_total") == 30
+    assert served.proc.returncode == 0, served.output()
+    assert sorted(ledger_ids(tmp_path / "ledger.db")) == sorted(rid for _, rid, _ in results)
+    assert "Traceback" not in served.output()
+
+
+async def test_a_record_is_provisional_while_its_stream_runs_then_final(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    up = await aiohttp_server(StandIn(flavor="vllm", scale=5.0).app())  # ~60 ms per token
+    doc = workers_config(url_of(up), tmp_path)
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        resp = await s.post(
+            served.base + "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 24}
+        )
+        rid = resp.headers["X-Request-Id"]
+        await resp.content.readuntil(b"\n\n")
+        await asyncio.sleep(0.3)
+        async with s.get(f"{served.base}/v1/emissions/requests/{rid}") as r:
+            assert r.status == 200
+            doc_now = await r.json()
+        assert doc_now["final"] is False
+        await resp.read()
+        resp.release()
+        final = await final_record(served.base, rid, 20.0)
+        assert final["final"] is True and final["completion_tokens"] == 24
+        assert final["energy_j"] >= doc_now["energy_j"]
+
+
+async def test_a_killed_worker_is_restarted_and_its_requests_end_as_proxy_restart(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    up = await aiohttp_server(StandIn(flavor="vllm", scale=10.0).app())  # ~120 ms per token
+    doc = workers_config(url_of(up), tmp_path)
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        before = worker_pids(served)
+        resp = await s.post(
+            served.base + "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 60}
+        )
+        rid = resp.headers["X-Request-Id"]
+        await resp.content.readuntil(b"\n\n")
+        for pid in before:  # whichever serves the stream
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(aiohttp.ClientError):
+            await resp.read()
+        resp.release()
+
+        async def restarted() -> bool:
+            pids = worker_pids(served)
+            return len(pids) == 2 and not set(pids) & set(before)
+
+        await wait_until(restarted, "both workers started again")
+        await wait_until(
+            lambda: _healthy(served.base), "the new workers answer"
+        )  # the port is served again
+        record = await final_record(served.base, rid, 20.0)
+        assert record["outcome"] == "proxy_restart"
+        assert record["completion_tokens"] is None or record["completion_tokens"] < 60
+        assert await metric(served.base, "wattproxy_worker_restarts_total") == 2
+        status, rid2, _ = await chat(served.base)
+        assert status == 200
+        await final_record(served.base, rid2, 20.0)
+        # the stream counted once, as proxy_restart
+        restarted = await metric(
+            served.base, "wattproxy_request_outcomes_total", 'outcome="proxy_restart"'
+        )
+        assert restarted == 1
+    assert served.proc.returncode == 0, served.output()
+    assert "proxy_restart" in served.output()
+    ids = ledger_ids(tmp_path / "ledger.db")
+    assert sorted(ids) == sorted({rid, rid2})  # each once: nothing counted twice
+
+
+async def _healthy(base: str) -> bool:
+    """A worker answers on a fresh connection (``/healthz``: no request record)."""
+    try:
+        async with aiohttp.ClientSession() as s, s.get(base + "/healthz") as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def test_sighup_to_the_accounting_process_reloads_every_worker(
+    upstream: TestServer, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    new_up = await aiohttp_server(StandIn(flavor="vllm", scale=0.0).app())
+    doc = workers_config(url_of(upstream), tmp_path)
+    doc["upstreams"] = [{"name": "old", "url": url_of(upstream), "models": ["m"]}]
+    async with serve_process(doc, tmp_path) as served:
+        body = {**CHAT, "model": "new-model"}
+        status, _, _ = await chat(served.base, body)
+        assert status == 404
+        doc["upstreams"].append({"name": "new", "url": url_of(new_up), "models": ["new-*"]})
+        served.config_path.write_text(yaml.safe_dump(doc))
+        served.proc.send_signal(signal.SIGHUP)
+
+        async def all_reloaded() -> bool:
+            return served.output().count("reloaded ") >= 3  # accounting process + 2 workers
+
+        await wait_until(all_reloaded, "every process reloaded")
+        results = await asyncio.gather(*(chat(served.base, body) for _ in range(20)))
+        assert [status for status, _, _ in results] == [200] * 20
+        records = [await final_record(served.base, rid, 20.0) for _, rid, _ in results]
+        assert {r["worker"] for r in records} == {0, 1}  # both workers took the new upstream
+        assert {r["upstream"] for r in records} == {"new"}
+
+
+async def test_sigterm_drains_every_worker_and_flushes_the_ledger(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    up = await aiohttp_server(StandIn(flavor="vllm", scale=10.0).app())
+    doc = workers_config(url_of(up), tmp_path, listen={"shutdown_grace_s": 15})
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        streams = [
+            await s.post(
+                served.base + "/v1/chat/completions",
+                json={**CHAT, "stream": True, "max_tokens": 12},
+            )
+            for _ in range(4)
+        ]
+        rids = [r.headers["X-Request-Id"] for r in streams]
+        for r in streams:
+            await r.content.readuntil(b"\n\n")
+        served.proc.send_signal(signal.SIGTERM)
+        for r in streams:
+            rest = await r.read()
+            r.release()
+            assert rest.endswith(b"data: [DONE]\n\n")
+        rc = await asyncio.to_thread(served.proc.wait, 40)
+    assert rc == 0, served.output()
+    assert "Traceback" not in served.output()
+    for rid in rids:
+        rec = await ledger_record(tmp_path / "ledger.db", rid)
+        assert rec.outcome == "ok" and rec.completion_tokens == 12 and rec.final is True
+    assert not (tmp_path / "spool.jsonl").exists()
+
+
+async def test_budgets_hold_across_workers(upstream: TestServer, tmp_path: Path) -> None:
+    doc = workers_config(
+        url_of(upstream),
+        tmp_path,
+        budgets={"users": {"anonymous": {"grams_per_day": 0}}, "cache_s": 0},
+    )
+    async with serve_process(doc, tmp_path) as served:
+        results = await asyncio.gather(*(chat(served.base) for _ in range(10)))
+        assert [status for status, _, _ in results] == [429] * 10
+        body = yaml.safe_load(results[0][2])
+        assert body["error"]["type"] == "carbon_budget_exceeded"
+        assert body["error"]["scope"] == "user"
+
+        async def counted() -> bool:  # a worker's events reach the accounting process in ~5 ms
+            return await metric(served.base, "wattproxy_budget_rejections_total") == 10
+
+        await wait_until(counted, "ten rejections counted")
+        await asyncio.sleep(0.2)
+        assert await metric(served.base, "wattproxy_budget_rejections_total") == 10
