@@ -92,5 +92,5 @@ def start(
     if parser is None and not plan.stream and isinstance(figures, RequestFigures):
         headers[ESTIMATE_HEADER] = number(figures.estimate_j).decode()
     if parser is None and collector is not None:  # a JSON body: its usage object
-        return UsageSplicer(figures), False
+        return UsageSplicer(figures, path=plan.usage_at), False
     return None, parser is None or parser.energy is None

@@ -648,3 +648,92 @@ async def test_error_stream_untouched(
     got = await call(url_of(proxy), path, body, headers=OPT_IN)
     assert got.status == 503
     assert got.body == sent
+
+
+NATIVE_BODIES = {
+    "ollama-generate": NativeStream(
+        "ollama",
+        lambda: Ollama(default_predict=4),
+        "/api/generate",
+        {"model": "llama3.2", "prompt": PROMPT_WORDS, "stream": False},
+        b'"eval_duration":%d' % (4 * EVAL_NS_PER_TOKEN),
+        json.loads,
+    ),
+    "ollama-chat": NativeStream(
+        "ollama",
+        lambda: Ollama(default_predict=4),
+        "/api/chat",
+        {
+            "model": "llama3.2",
+            "messages": [{"role": "user", "content": PROMPT_WORDS}],
+            "stream": False,
+        },
+        b'"eval_duration":%d' % (4 * EVAL_NS_PER_TOKEN),
+        json.loads,
+    ),
+    "ollama-embed": NativeStream(
+        "ollama",
+        Ollama,
+        "/api/embed",
+        {"model": "all-minilm", "input": PROMPT_WORDS},
+        b'"prompt_eval_count":3',
+        json.loads,
+    ),
+    "tgi-generate": NativeStream(
+        "tgi",
+        TGI,
+        "/generate",
+        {"inputs": PROMPT_WORDS, "parameters": {"max_new_tokens": 4, "details": True}},
+        b'"special":false}]',
+        lambda body: json.loads(body)["details"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NATIVE_BODIES))
+async def test_native_body_through_proxy(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path, name: str
+) -> None:
+    """Non-streamed native answers: Ollama's counts are top-level members, so are the figures;
+    TGI's are in ``details``. Every other byte is the stand-in's."""
+    case = NATIVE_BODIES[name]
+    standin = case.standin()
+    up = await aiohttp_server(standin.app())
+    proxy, _ = await make_proxy(upstream_config(url_of(up), tmp_path, case.api))
+    base = url_of(proxy)
+    got = await call(base, case.path, case.body)
+    assert got.body == bytes(standin.sent[-1])
+    assert got.headers["Content-Length"] == str(len(got.body))
+    got = await call(base, case.path, case.body, headers=OPT_IN)
+    sent = bytes(standin.sent[-1])
+    m = _FIELDS.search(got.body)
+    assert m is not None, got.body
+    assert got.body[: m.start()] + got.body[m.end() :] == sent
+    assert got.body[: m.start()].endswith(case.before)
+    assert got.body[m.end() : m.end() + 1] == b"}"
+    spot = case.spot(got.body)
+    assert spot["final"] is False and spot["source"] in ("measured", "estimated")
+    assert "Content-Length" not in got.headers
+    assert float(got.headers["X-Wattproxy-Energy-Estimate-J"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        # no details asked for: no counts, no figures
+        ("/generate", {"inputs": PROMPT_WORDS, "parameters": {"max_new_tokens": 4}}),
+        # TGI's "/" answers a list: nothing is spliced into a list
+        (
+            "/",
+            {"inputs": PROMPT_WORDS, "parameters": {"max_new_tokens": 4, "details": True}},
+        ),
+    ],
+)
+async def test_native_body_without_usage_object_untouched(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path, path: str, body: Any
+) -> None:
+    tgi = TGI()
+    up = await aiohttp_server(tgi.app())
+    proxy, _ = await make_proxy(upstream_config(url_of(up), tmp_path, "tgi"))
+    got = await call(url_of(proxy), path, body, headers=OPT_IN)
+    assert got.body == bytes(tgi.sent[-1])

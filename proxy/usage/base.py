@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.usage.energy_splice import FiguresFn, KeyPath, splice_event
+from proxy.usage.energy_splice import USAGE, FiguresFn, KeyPath, splice_event
 
 try:  # orjson is optional: it decodes several times faster
     import orjson
@@ -120,6 +120,9 @@ class RequestPlan:
     #: Energy in the answer (``response.energy_in_usage``): the request's figures as they
     #: stand, set by the proxy once the request is open; None when not asked for.
     energy: FiguresFn | None = None
+    #: Where a non-streamed JSON answer reports its counts, the object that gets the figures:
+    #: the top-level ``usage``, TGI's ``details``, or (empty) Ollama's answer itself.
+    usage_at: KeyPath = USAGE
 
 
 class UploadProbe(Protocol):

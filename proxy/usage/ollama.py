@@ -38,8 +38,11 @@ DURATIONS_NS = ("total_duration", "load_duration", "prompt_eval_duration", "eval
 NS_PER_S = 1e9
 
 _DONE = re.compile(rb'"done"\s*:\s*true')
-#: Energy in the answer: the ``done`` line itself, whose counts are top-level members.
+#: Energy in the answer: the ``done`` line (or a non-streamed answer) itself, whose counts are
+#: top-level members.
 DONE_LINE: KeyPath = ()
+#: Non-streamed answers with counts at the top level (``/api/embeddings`` reports none).
+COUNTED_PATHS = frozenset((*GENERATE_PATHS, "/api/embed"))
 _CONTENT = re.compile(rb'"(?:response|content|thinking)"\s*:\s*"(?!")')
 _TEXT = re.compile(rb'"(?:response|content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
@@ -76,6 +79,8 @@ def plan_request(path: str, doc: Any) -> RequestPlan:
         plan.model = doc["model"]
     # Ollama streams unless told not to
     plan.stream = path in GENERATE_PATHS and doc.get("stream") is not False
+    if path in COUNTED_PATHS:
+        plan.usage_at = DONE_LINE
     options = doc.get("options")
     if isinstance(options, dict):
         n = int_field(options.get("num_predict"))

@@ -53,6 +53,8 @@ def plan_request(path: str, doc: Any) -> RequestPlan:
     params = params if isinstance(params, dict) else {}
     plan.max_tokens = int_field(params.get("max_new_tokens"))
     plan.stream = path in STREAM_PATHS or (path == "/" and doc.get("stream") is True)
+    if path == "/generate":  # "/" answers a list, which is not spliced
+        plan.usage_at = DETAILS
     if isinstance(doc.get("model"), str):
         plan.model = doc["model"]
     return plan
