@@ -11,8 +11,10 @@ energy before the answer, as the name says, sent with the answer's head (no trai
 
 The proxy calls three things, at marked hook lines: ``figures_for`` once the request is open,
 ``start`` when the response head goes out, and the returned ``UsageSplicer``'s ``feed`` for
-each chunk of a non-streamed JSON body. A stream's final usage chunk is spliced by its parser
-(``OpenAISSE``, given ``plan.energy``). The splicing itself is ``proxy.usage.energy_splice``.
+each chunk of a non-streamed JSON body. A stream's final usage is spliced by its parser, given
+``plan.energy`` (``OpenAISSE``; ``EventSSE``, ``OllamaStream``, ``TGIStream`` through
+``ObservingStream``); ``start`` takes it back from the parser of an error answer. The splicing
+itself is ``proxy.usage.energy_splice``.
 """
 
 from __future__ import annotations
@@ -83,10 +85,12 @@ def start(
     non-streamed answer. A body that may be rewritten goes out chunked. An error answer
     (``status`` 4xx, 5xx) is left as it is."""
     figures = plan.energy
+    if parser is not None and status >= 400:
+        parser.energy = None  # an error answer is relayed as it came, even a stream
     if figures is None or status >= 400:
         return None, True
     if parser is None and not plan.stream and isinstance(figures, RequestFigures):
         headers[ESTIMATE_HEADER] = number(figures.estimate_j).decode()
     if parser is None and collector is not None:  # a JSON body: its usage object
-        return UsageSplicer(figures), False
-    return None, getattr(parser, "energy", None) is None
+        return UsageSplicer(figures, path=plan.usage_at), False
+    return None, parser is None or parser.energy is None

@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,9 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.standins import StandIn
+from proxy.standins import TGI, Ollama, OpenAIExtra, Recorder, StandIn
+from proxy.standins.ollama import EVAL_NS_PER_TOKEN
+from proxy.usage import for_api
 from proxy.usage.energy_splice import (
     UsageSplicer,
     energy_fields,
@@ -25,7 +29,7 @@ from proxy.usage.energy_splice import (
     splice_usage,
 )
 from proxy.usage.openai import OpenAISSE
-from tests.conftest import url_of
+from tests.conftest import ProxyFactory, url_of
 from tests.helpers.openai_replays import (
     NON_STREAM,
     USAGE,
@@ -33,6 +37,7 @@ from tests.helpers.openai_replays import (
     VLLM_WITH_USAGE,
 )
 from tests.helpers.serve import base_config, serve_process
+from tests.helpers.through_proxy import call, upstream_config
 
 FIG = (12.5, 0.00123, "measured")
 ADDED = b',"energy_j":12.5,"co2e_g":0.00123,"source":"measured","final":false'
@@ -312,3 +317,423 @@ async def test_serve_standin_answer(aiohttp_server: Any, tmp_path: Path) -> None
         final = json.loads(events[-1][6:])
         assert final["choices"] == [] and final["usage"]["final"] is False
         assert all(b"energy_j" not in e for e in events[:-1])
+
+
+# -- the other APIs' streams: usage nested, or no usage object at all ------------------------
+
+RESPONSE_USAGE = (b"response", b"usage")
+
+
+@pytest.mark.parametrize(
+    ("document", "path", "expected"),
+    [
+        # nested: the Responses API's response.usage
+        (
+            b'{"type":"response.completed","response":{"id":"r","usage":{"a":1},"user":null}}',
+            RESPONSE_USAGE,
+            b'{"type":"response.completed","response":{"id":"r","usage":{"a":1'
+            + ADDED
+            + b'},"user":null}}',
+        ),
+        (
+            b'{"usage":{"a":1},"response":{"x":{"usage":{}},"usage":{}}}',
+            RESPONSE_USAGE,
+            b'{"usage":{"a":1},"response":{"x":{"usage":{}},"usage":{' + FIRST + b"}}}",
+        ),
+        # the key path must match level by level
+        (b'{"response":{"usage":null}}', RESPONSE_USAGE, b'{"response":{"usage":null}}'),
+        (b'{"response":null,"usage":{}}', RESPONSE_USAGE, b'{"response":null,"usage":{}}'),
+        (b'{"response":{},"usage":{}}', RESPONSE_USAGE, b'{"response":{},"usage":{}}'),
+        (b'{"usage":{"response":{}}}', RESPONSE_USAGE, b'{"usage":{"response":{}}}'),
+        (b'{"x":{"response":{"usage":{}}}}', RESPONSE_USAGE, b'{"x":{"response":{"usage":{}}}}'),
+        # TGI's details
+        (
+            b'{"index":3,"details":{"generated_tokens":3,"input_length":4}}',
+            (b"details",),
+            b'{"index":3,"details":{"generated_tokens":3,"input_length":4' + ADDED + b"}}",
+        ),
+        (b'{"index":3,"details":null}', (b"details",), b'{"index":3,"details":null}'),
+        # the document itself: Ollama's done line, whose counts are top-level members
+        (
+            b'{"done":true,"eval_count":3}\n',
+            (),
+            b'{"done":true,"eval_count":3' + ADDED + b"}\n",
+        ),
+        (b'{"s":"}","o":{"}":[1]}}', (), b'{"s":"}","o":{"}":[1]}' + ADDED + b"}"),
+        (b"{}", (), b"{" + FIRST + b"}"),
+        (b"[{}]", (), b"[{}]"),
+    ],
+)
+def test_splice_at_a_key_path(document: bytes, path: tuple[bytes, ...], expected: bytes) -> None:
+    assert UsageSplicer(lambda: FIG, path=path).feed(document) == expected
+    if expected != document:
+        json.loads(expected)
+
+
+@settings(max_examples=200)
+@given(
+    outer=st.dictionaries(_names.filter(lambda k: k != "response"), _values, max_size=3),
+    inner=st.dictionaries(_names.filter(lambda k: k != "usage"), _values, max_size=3),
+    usage=st.dictionaries(_names, _values, max_size=3),
+    indent=st.sampled_from([None, 2]),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=5),
+)
+def test_splice_nested_property(
+    outer: dict[str, Any],
+    inner: dict[str, Any],
+    usage: dict[str, Any],
+    indent: int | None,
+    cuts: list[int],
+) -> None:
+    """A usage object one level down, with decoys (a top-level ``usage``, ``usage`` keys in
+    sibling values): only ``response.usage`` gains the fields, however the bytes are cut."""
+    doc = {**outer, "usage": {"decoy": 1}, "response": {**inner, "usage": usage}}
+    original = json.dumps(doc, indent=indent).encode()
+    splicer = UsageSplicer(lambda: FIG, path=RESPONSE_USAGE)
+    bounds = sorted({c % (len(original) + 1) for c in cuts} | {0, len(original)})
+    out = b"".join(splicer.feed(original[a:b]) for a, b in itertools.pairwise(bounds))
+    assert splicer.spliced
+    figures = {"energy_j": 12.5, "co2e_g": 0.00123, "source": "measured", "final": False}
+    expected = {**doc, "response": {**inner, "usage": {**usage, **figures}}}
+    assert json.loads(out) == expected
+    added = FIRST if not usage else ADDED
+    at = next(i for i in range(len(original)) if out[i] != original[i])
+    assert out[:at] + out[at + len(added) :] == original
+
+
+def test_splice_named_event() -> None:
+    """A named event (``event:`` line, then its one ``data:`` line) is spliced in its data."""
+    event = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":3}}\n\n'
+    assert splice_event(event, lambda: FIG) == event.replace(b"3}", b"3" + ADDED + b"}")
+    crlf = event.replace(b"\n", b"\r\n")
+    assert splice_event(crlf, lambda: FIG) == crlf.replace(b"3}", b"3" + ADDED + b"}")
+    for untouched in (
+        b'event: x\ndata: {"usage":{}}\ndata: {"usage":{}}\n\n',  # two data lines
+        b'event: x\ndata: {"usage":{}}\nid: 1\n\n',  # a field after the data
+        b'event: x\nid: {"usage":{}}\n\n',  # no data line
+        b'event: x\ndata: {"usage":{}}',  # unterminated
+    ):
+        assert splice_event(untouched, lambda: FIG) == untouched
+
+
+@dataclass(frozen=True)
+class NativeStream:
+    """One streamed API whose usage is not OpenAI's final chunk: the stand-in, the request,
+    the bytes the fields follow in its final usage, and where the client finds them."""
+
+    api: str
+    standin: Callable[[], Recorder]
+    path: str
+    body: dict[str, Any]
+    before: bytes
+    spot: Callable[[Any], Any]
+
+
+def _last_event_data(body: bytes, kind: bytes) -> Any:
+    for event in body.split(b"\n\n"):
+        if kind in event:
+            return json.loads(event.split(b"data:", 1)[1])
+    raise AssertionError(kind)
+
+
+def _done_line(body: bytes) -> Any:
+    return json.loads(body.rstrip(b"\n").rsplit(b"\n", 1)[-1])
+
+
+PROMPT_WORDS = "one two three"
+NATIVE_STREAMS = {
+    "responses": NativeStream(
+        "openai",
+        OpenAIExtra,
+        "/v1/responses",
+        {"model": "m", "input": PROMPT_WORDS, "stream": True, "max_output_tokens": 4},
+        b'"total_tokens":7',
+        lambda body: _last_event_data(body, b"response.completed")["response"]["usage"],
+    ),
+    "messages": NativeStream(
+        "openai",
+        OpenAIExtra,
+        "/v1/messages",
+        {
+            "model": "m",
+            "max_tokens": 4,
+            "stream": True,
+            "messages": [{"role": "user", "content": PROMPT_WORDS}],
+        },
+        b'"output_tokens":4',
+        lambda body: _last_event_data(body, b"event: message_delta")["usage"],
+    ),
+    "ollama-generate": NativeStream(
+        "ollama",
+        lambda: Ollama(default_predict=4),
+        "/api/generate",
+        {"model": "llama3.2", "prompt": PROMPT_WORDS},
+        b'"eval_duration":%d' % (4 * EVAL_NS_PER_TOKEN),
+        _done_line,
+    ),
+    "ollama-chat": NativeStream(
+        "ollama",
+        lambda: Ollama(default_predict=4),
+        "/api/chat",
+        {"model": "llama3.2", "messages": [{"role": "user", "content": PROMPT_WORDS}]},
+        b'"eval_duration":%d' % (4 * EVAL_NS_PER_TOKEN),
+        _done_line,
+    ),
+    "tgi-generate-stream": NativeStream(
+        "tgi",
+        TGI,
+        "/generate_stream",
+        {"inputs": PROMPT_WORDS, "parameters": {"max_new_tokens": 4, "details": True}},
+        b'"input_length":4',
+        lambda body: json.loads(body.split(b"\n\n")[-2][5:])["details"],
+    ),
+    "tgi-compat-stream": NativeStream(
+        "tgi",
+        TGI,
+        "/",
+        {
+            "inputs": PROMPT_WORDS,
+            "parameters": {"max_new_tokens": 4, "details": True},
+            "stream": True,
+        },
+        b'"input_length":4',
+        lambda body: json.loads(body.split(b"\n\n")[-2][5:])["details"],
+    ),
+}
+
+
+async def _standin_bytes(aiohttp_server: Any, case: NativeStream) -> tuple[bytes, str]:
+    """What the stand-in itself answers ``case``'s request with, and its content type."""
+    standin = case.standin()
+    up = await aiohttp_server(standin.app())
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url_of(up) + case.path, json=case.body) as r,
+    ):
+        assert r.status == 200
+        body = await r.read()
+    assert body == bytes(standin.sent[-1])
+    return body, r.headers["Content-Type"].split(";")[0]
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 100_000])
+@pytest.mark.parametrize("name", list(NATIVE_STREAMS))
+async def test_native_stream_parser_splices_final_usage(
+    aiohttp_server: Any, name: str, size: int
+) -> None:
+    """The API's own parser, fed the stand-in's bytes cut anywhere: the fields go in once,
+    right after ``before``, and nothing else changes."""
+    case = NATIVE_STREAMS[name]
+    sent, ctype = await _standin_bytes(aiohttp_server, case)
+    assert sent.count(case.before + b"}") == 1
+    expected = sent.replace(case.before + b"}", case.before + ADDED + b"}")
+    api = for_api(case.api)
+    plan = api.plan(case.path, case.body)
+    plan.energy = lambda: FIG
+    parser = api.stream(case.path, ctype, plan, False)
+    assert parser is not None
+    out = b"".join(parser.feed(sent[i : i + size]) for i in range(0, len(sent), size))
+    assert out + parser.flush() == expected
+    assert parser.finish().completion_tokens == 4
+    spot = case.spot(expected)
+    assert (spot["energy_j"], spot["source"], spot["final"]) == (12.5, "measured", False)
+    # not asked for: the parser only watches
+    plan.energy = None
+    watcher = api.stream(case.path, ctype, plan, False)
+    assert watcher is not None
+    assert b"".join(watcher.feed(sent[i : i + size]) for i in range(0, len(sent), size)) == sent
+
+
+@pytest.mark.parametrize("name", list(NATIVE_STREAMS))
+async def test_native_stream_through_proxy(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path, name: str
+) -> None:
+    """Through the proxy: off, the stand-in's bytes; asked for by header, the final usage gains
+    the four fields and every other byte is the stand-in's."""
+    case = NATIVE_STREAMS[name]
+    standin = case.standin()
+    up = await aiohttp_server(standin.app())
+    proxy, _ = await make_proxy(upstream_config(url_of(up), tmp_path, case.api))
+    base = url_of(proxy)
+    got = await call(base, case.path, case.body)
+    assert got.body == bytes(standin.sent[-1])
+    got = await call(base, case.path, case.body, headers={"X-Wattproxy-Energy": "include"})
+    sent = bytes(standin.sent[-1])
+    m = _FIELDS.search(got.body)
+    assert m is not None, got.body
+    assert got.body[: m.start()] + got.body[m.end() :] == sent
+    assert got.body[: m.start()].endswith(case.before)
+    assert got.body[m.end() : m.end() + 1] == b"}"
+    spot = case.spot(got.body)
+    assert spot["final"] is False and spot["source"] in ("measured", "estimated")
+    assert spot["energy_j"] >= 0 and spot["co2e_g"] >= 0
+    assert "x-wattproxy-energy" not in {k.lower() for k in standin.seen[-1].headers}
+    assert got.record["completion_tokens"] == 4
+
+
+async def test_native_stream_without_usage_untouched(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """TGI's stream carries counts only when the client asked for ``details``: without them,
+    nothing is added, asked or not."""
+    tgi = TGI()
+    up = await aiohttp_server(tgi.app())
+    proxy, _ = await make_proxy(upstream_config(url_of(up), tmp_path, "tgi"))
+    body = {"inputs": PROMPT_WORDS, "parameters": {"max_new_tokens": 4}}
+    got = await call(url_of(proxy), "/generate_stream", body, headers=OPT_IN)
+    assert got.body == bytes(tgi.sent[-1])
+    assert b'"details":null' in got.body
+
+
+OPT_IN = {"X-Wattproxy-Energy": "include"}
+#: error answers in each streamed format, each holding a final usage: never rewritten
+ERROR_STREAMS = {
+    "/api/generate": (
+        "application/x-ndjson",
+        b'{"model":"m","response":"","done":true,"eval_count":3}\n',
+    ),
+    "/generate_stream": (
+        "text/event-stream",
+        b'data:{"index":1,"token":{"id":1},"generated_text":"a","details":{"generated_tokens":1}}'
+        b"\n\n",
+    ),
+    "/v1/messages": (
+        "text/event-stream",
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":3}}\n\n',
+    ),
+    "/v1/responses": (
+        "text/event-stream",
+        b'event: response.completed\ndata: {"type":"response.completed","response":'
+        b'{"usage":{"input_tokens":1,"output_tokens":3}}}\n\n',
+    ),
+    "/v1/chat/completions": ("text/event-stream", USAGE + b"data: [DONE]\n\n"),
+}
+
+
+@pytest.mark.parametrize(
+    ("api", "path"),
+    [
+        ("ollama", "/api/generate"),
+        ("tgi", "/generate_stream"),
+        ("openai", "/v1/messages"),
+        ("openai", "/v1/responses"),
+        ("openai", "/v1/chat/completions"),
+    ],
+)
+async def test_error_stream_untouched(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path, api: str, path: str
+) -> None:
+    ctype, sent = ERROR_STREAMS[path]
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(status=503, headers={"Content-Type": ctype})
+        await resp.prepare(request)
+        await resp.write(sent)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post(path, answer)
+    up = await aiohttp_server(app)
+    proxy, _ = await make_proxy(upstream_config(url_of(up), tmp_path, api))
+    body = {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "hi"}],
+        "inputs": "hi",
+        "parameters": {"details": True},
+    }
+    got = await call(url_of(proxy), path, body, headers=OPT_IN)
+    assert got.status == 503
+    assert got.body == sent
+
+
+NATIVE_BODIES = {
+    "ollama-generate": NativeStream(
+        "ollama",
+        lambda: Ollama(default_predict=4),
+        "/api/generate",
+        {"model": "llama3.2", "prompt": PROMPT_WORDS, "stream": False},
+        b'"eval_duration":%d' % (4 * EVAL_NS_PER_TOKEN),
+        json.loads,
+    ),
+    "ollama-chat": NativeStream(
+        "ollama",
+        lambda: Ollama(default_predict=4),
+        "/api/chat",
+        {
+            "model": "llama3.2",
+            "messages": [{"role": "user", "content": PROMPT_WORDS}],
+            "stream": False,
+        },
+        b'"eval_duration":%d' % (4 * EVAL_NS_PER_TOKEN),
+        json.loads,
+    ),
+    "ollama-embed": NativeStream(
+        "ollama",
+        Ollama,
+        "/api/embed",
+        {"model": "all-minilm", "input": PROMPT_WORDS},
+        b'"prompt_eval_count":3',
+        json.loads,
+    ),
+    "tgi-generate": NativeStream(
+        "tgi",
+        TGI,
+        "/generate",
+        {"inputs": PROMPT_WORDS, "parameters": {"max_new_tokens": 4, "details": True}},
+        b'"special":false}]',
+        lambda body: json.loads(body)["details"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NATIVE_BODIES))
+async def test_native_body_through_proxy(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path, name: str
+) -> None:
+    """Non-streamed native answers: Ollama's counts are top-level members, so are the figures;
+    TGI's are in ``details``. Every other byte is the stand-in's."""
+    case = NATIVE_BODIES[name]
+    standin = case.standin()
+    up = await aiohttp_server(standin.app())
+    proxy, _ = await make_proxy(upstream_config(url_of(up), tmp_path, case.api))
+    base = url_of(proxy)
+    got = await call(base, case.path, case.body)
+    assert got.body == bytes(standin.sent[-1])
+    assert got.headers["Content-Length"] == str(len(got.body))
+    got = await call(base, case.path, case.body, headers=OPT_IN)
+    sent = bytes(standin.sent[-1])
+    m = _FIELDS.search(got.body)
+    assert m is not None, got.body
+    assert got.body[: m.start()] + got.body[m.end() :] == sent
+    assert got.body[: m.start()].endswith(case.before)
+    assert got.body[m.end() : m.end() + 1] == b"}"
+    spot = case.spot(got.body)
+    assert spot["final"] is False and spot["source"] in ("measured", "estimated")
+    assert "Content-Length" not in got.headers
+    assert float(got.headers["X-Wattproxy-Energy-Estimate-J"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        # no details asked for: no counts, no figures
+        ("/generate", {"inputs": PROMPT_WORDS, "parameters": {"max_new_tokens": 4}}),
+        # TGI's "/" answers a list: nothing is spliced into a list
+        (
+            "/",
+            {"inputs": PROMPT_WORDS, "parameters": {"max_new_tokens": 4, "details": True}},
+        ),
+    ],
+)
+async def test_native_body_without_usage_object_untouched(
+    aiohttp_server: Any, make_proxy: ProxyFactory, tmp_path: Path, path: str, body: Any
+) -> None:
+    tgi = TGI()
+    up = await aiohttp_server(tgi.app())
+    proxy, _ = await make_proxy(upstream_config(url_of(up), tmp_path, "tgi"))
+    got = await call(url_of(proxy), path, body, headers=OPT_IN)
+    assert got.body == bytes(tgi.sent[-1])

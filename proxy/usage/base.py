@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.usage.energy_splice import FiguresFn
+from proxy.usage.energy_splice import USAGE, FiguresFn, KeyPath, splice_event
 
 try:  # orjson is optional: it decodes several times faster
     import orjson
@@ -120,6 +120,9 @@ class RequestPlan:
     #: Energy in the answer (``response.energy_in_usage``): the request's figures as they
     #: stand, set by the proxy once the request is open; None when not asked for.
     energy: FiguresFn | None = None
+    #: Where a non-streamed JSON answer reports its counts, the object that gets the figures:
+    #: the top-level ``usage``, TGI's ``details``, or (empty) Ollama's answer itself.
+    usage_at: KeyPath = USAGE
 
 
 class UploadProbe(Protocol):
@@ -139,6 +142,9 @@ class StreamUsage:
     """
 
     tokens: int = 0
+    #: Energy in the answer (issue 15): the figures for the stream's final usage, when the
+    #: client asked for them; None (the proxy sets it so for an error answer) adds nothing.
+    energy: FiguresFn | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         return chunk
@@ -233,27 +239,46 @@ class NDJSONFramer(Framer):
 
 
 class ObservingStream(StreamUsage):
-    """A parser that only watches: the client gets the upstream's bytes unchanged, and each
-    complete frame is handed to ``inspect``."""
+    """A parser that watches: each complete frame is handed to ``inspect``, and the client gets
+    the upstream's bytes unchanged. With ``energy`` set, the frames go out as framed, and the
+    one ``inspect`` marks as the final usage (``splice_at``: where in it) gains the figures."""
 
     framer_class: type[Framer] = SSEFramer
 
-    def __init__(self) -> None:
+    def __init__(self, energy: FiguresFn | None = None) -> None:
         self._framer = self.framer_class()
+        self.energy = energy
+        #: set by ``inspect``: the frame just inspected holds the final usage, at this key path
+        self.splice_at: KeyPath | None = None
 
     def inspect(self, frame: bytes) -> None:
         """Account one complete frame (or the unterminated rest at the end)."""
 
+    def splice(self, frame: bytes, path: KeyPath, energy: FiguresFn) -> bytes:
+        """``frame`` with the figures in its object at ``path``: an SSE event's data."""
+        return splice_event(frame, energy, path)
+
     def feed(self, chunk: bytes) -> bytes:
-        for frame in self._framer.push(chunk):
-            self.inspect(frame)
-        return chunk
+        if self.energy is None:
+            for frame in self._framer.push(chunk):
+                self.inspect(frame)
+            return chunk
+        return b"".join(self._relay(frame) for frame in self._framer.push(chunk))
+
+    def _relay(self, frame: bytes) -> bytes:
+        self.inspect(frame)
+        path, self.splice_at = self.splice_at, None
+        if path is None or self.energy is None:
+            return frame
+        return self.splice(frame, path, self.energy)
 
     def flush(self) -> bytes:
         rest = self._framer.pending()
-        if rest.strip():
-            self.inspect(rest)
-        return b""
+        if self.energy is None:
+            if rest.strip():
+                self.inspect(rest)
+            return b""
+        return self._relay(rest) if rest.strip() else rest
 
 
 def int_field(value: Any) -> int | None:

@@ -2,11 +2,13 @@
 client gets, every other byte as the upstream sent it. Pure: bytes in, bytes out.
 
 The fields ``,"energy_j":E,"co2e_g":G,"source":"measured"|"estimated","final":false`` go just
-before the closing brace of the top-level ``usage`` object of a JSON document (a non-streamed
-answer, or one SSE event's data). ``UsageSplicer`` finds that brace incrementally, across
-chunk boundaries, holding no bytes back: it tracks strings, escapes and nesting only, so a
-``"usage"`` inside a string or deeper in the document is never touched. What it cannot find
-within ``scan_limit_bytes`` (or a document that is not an object, or a ``usage`` that is not
+before the closing brace of the object at a key path of a JSON document (a non-streamed
+answer, one SSE event's data, one NDJSON line): the top-level ``usage`` by default,
+``response.usage`` in the Responses API, TGI's ``details``, or the document itself (Ollama,
+whose counts are top-level members). ``UsageSplicer`` finds that brace incrementally, across
+chunk boundaries, holding no bytes back: it tracks strings, escapes and nesting only, so a key
+inside a string or at another depth is never taken for the path's. What it cannot find within
+``scan_limit_bytes`` (or a document that is not an object, or a value on the path that is not
 an object) it leaves untouched.
 """
 
@@ -28,7 +30,9 @@ SCAN_LIMIT_BYTES = 16 * 1024 * 1024
 _OUTSIDE = re.compile(rb'["{}\[\],]')
 _IN_STRING = re.compile(rb'["\\]')
 _NON_WS = re.compile(rb"[^ \t\r\n]")
-_KEY = b"usage"
+#: Where the fields go: the keys from the document down to the object (empty: the document).
+KeyPath = tuple[bytes, ...]
+USAGE: KeyPath = (b"usage",)
 
 # phases of UsageSplicer
 _START, _SCAN, _COLON, _VALUE, _INSIDE, _DONE = range(6)
@@ -58,10 +62,10 @@ def energy_fields(figures: Figures, first: bool = False) -> bytes | None:
 
 
 class UsageSplicer:
-    """Adds the energy fields to the top-level ``usage`` object of one JSON document fed in
-    chunks; ``feed`` returns each chunk as it goes out (the same bytes, plus the fields in the
-    chunk holding the object's closing brace). ``figures`` is called once, at that brace, so
-    the figures are those of that moment.
+    """Adds the energy fields to the object at ``path`` (the top-level ``usage`` by default) of
+    one JSON document fed in chunks; ``feed`` returns each chunk as it goes out (the same
+    bytes, plus the fields in the chunk holding the object's closing brace). ``figures`` is
+    called once, at that brace, so the figures are those of that moment.
 
     ``spliced`` says whether the fields went in."""
 
@@ -73,23 +77,33 @@ class UsageSplicer:
         "_figures",
         "_in_string",
         "_key",
+        "_level",
+        "_path",
         "_phase",
         "_scanned",
         "scan_limit_bytes",
         "spliced",
     )
 
-    def __init__(self, figures: FiguresFn, scan_limit_bytes: int = SCAN_LIMIT_BYTES) -> None:
+    def __init__(
+        self,
+        figures: FiguresFn,
+        scan_limit_bytes: int = SCAN_LIMIT_BYTES,
+        path: KeyPath = USAGE,
+    ) -> None:
         self._figures = figures
         self.scan_limit_bytes = scan_limit_bytes
+        self._path = path
         self._phase = _START
         self._depth = 0
+        #: how many of the path's keys were found: the object searched is at depth level + 1
+        self._level = 0
         self._in_string = False
         self._escape = False
         self._expect_key = False
-        #: the raw bytes of a top-level key being read (None: not reading one)
+        #: the raw bytes of a key being read on the path (None: not reading one)
         self._key: bytearray | None = None
-        self._empty = True  # the usage object has no member so far
+        self._empty = True  # the target object has no member so far
         self._scanned = 0
         self.spliced = False
 
@@ -114,8 +128,15 @@ class UsageSplicer:
         self.spliced = True
         return chunk[:at] + fields + chunk[at:]
 
+    def _enter(self) -> None:
+        """An object on the path opened: the target, or one to search for the next key."""
+        if self._level == len(self._path):
+            self._empty, self._phase = True, _INSIDE
+        else:
+            self._expect_key, self._phase = True, _SCAN
+
     def _find(self, chunk: bytes) -> int | None:
-        """Scan ``chunk``; the offset of the usage object's closing brace if it is in it."""
+        """Scan ``chunk``; the offset of the target object's closing brace if it is in it."""
         i, n = 0, len(chunk)
         while i < n and self._phase != _DONE:
             if self._in_string:
@@ -127,7 +148,7 @@ class UsageSplicer:
                     continue
                 m = _IN_STRING.search(chunk, i)
                 end = n if m is None else m.start()
-                if self._key is not None and len(self._key) <= len(_KEY):
+                if self._key is not None and len(self._key) <= len(self._path[self._level]):
                     self._key += chunk[i:end]
                 if m is None:
                     return None
@@ -139,7 +160,7 @@ class UsageSplicer:
                     continue
                 self._in_string = False
                 if self._key is not None:
-                    if self._key == _KEY:
+                    if self._key == self._path[self._level]:
                         self._phase = _COLON
                     self._key = None
                 continue
@@ -153,11 +174,14 @@ class UsageSplicer:
                     if c != ord("{"):
                         self._phase = _DONE  # not an object: nothing to splice
                         return None
-                    self._depth, self._expect_key, self._phase = 1, True, _SCAN
+                    self._depth = 1
+                    self._enter()
                 elif self._phase == _COLON:
                     self._phase = _VALUE if c == ord(":") else _DONE
                 elif c == ord("{"):
-                    self._depth, self._empty, self._phase = 2, True, _INSIDE
+                    self._depth += 1
+                    self._level += 1
+                    self._enter()
                 else:
                     self._phase = _DONE  # "usage": null, or not an object
                 continue
@@ -170,35 +194,37 @@ class UsageSplicer:
                 self._in_string = True
                 if self._phase == _INSIDE:
                     self._empty = False
-                elif self._depth == 1 and self._expect_key:
+                elif self._expect_key and self._depth == self._level + 1:
                     self._expect_key = False
                     self._key = bytearray()
             elif c in b"{[":
                 self._depth += 1
             elif c in b"}]":
                 self._depth -= 1
-                if self._phase == _INSIDE and self._depth == 1:
+                if self._phase == _INSIDE and self._depth == self._level:
                     return m.start()
-                if self._depth <= 0:
-                    self._phase = _DONE  # the document ended without a usage object
-            elif self._depth == 1:  # a comma between top-level members
+                if self._depth <= self._level:
+                    self._phase = _DONE  # the object searched ended without the key
+            elif self._depth == self._level + 1:  # a comma between the searched object's members
                 self._expect_key = True
         return None
 
 
-def splice_usage(document: bytes, figures: Figures) -> bytes:
-    """``document`` (a whole JSON object) with the fields in its top-level ``usage`` object;
+def splice_usage(document: bytes, figures: Figures, path: KeyPath = USAGE) -> bytes:
+    """``document`` (a whole JSON object) with the fields in the object at ``path``;
     unchanged when it has none."""
-    return UsageSplicer(lambda: figures).feed(document)
+    return UsageSplicer(lambda: figures, path=path).feed(document)
 
 
-def splice_event(event: bytes, figures: FiguresFn) -> bytes:
-    """One SSE event (a single ``data:`` line of JSON and its blank line) with the fields in
-    its ``usage`` object; any other event unchanged."""
-    if not event.startswith(b"data:"):
+def splice_event(event: bytes, figures: FiguresFn, path: KeyPath = USAGE) -> bytes:
+    """One SSE event (a single ``data:`` line of JSON, after any other fields such as a named
+    event's ``event:``, and its blank line) with the fields in the object at ``path`` of its
+    data; any other event unchanged."""
+    at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1
+    if at == 0 and not event.startswith(b"data:"):
         return event
-    start = 6 if event.startswith(b"data: ") else 5
+    start = at + (6 if event.startswith(b"data: ", at) else 5)
     line_end = event.find(b"\n", start)
     if line_end < 0 or event[line_end:].strip():
         return event
-    return event[:start] + UsageSplicer(figures).feed(event[start:])
+    return event[:start] + UsageSplicer(figures, path=path).feed(event[start:])

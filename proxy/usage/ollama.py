@@ -24,6 +24,7 @@ from proxy.usage.base import (
     int_field,
     parse_json,
 )
+from proxy.usage.energy_splice import FiguresFn, KeyPath, UsageSplicer
 
 NDJSON_TYPES = frozenset(("application/x-ndjson", "application/jsonl", "application/json-seq"))
 GENERATE_PATHS = frozenset(("/api/generate", "/api/chat"))
@@ -37,6 +38,11 @@ DURATIONS_NS = ("total_duration", "load_duration", "prompt_eval_duration", "eval
 NS_PER_S = 1e9
 
 _DONE = re.compile(rb'"done"\s*:\s*true')
+#: Energy in the answer: the ``done`` line (or a non-streamed answer) itself, whose counts are
+#: top-level members.
+DONE_LINE: KeyPath = ()
+#: Non-streamed answers with counts at the top level (``/api/embeddings`` reports none).
+COUNTED_PATHS = frozenset((*GENERATE_PATHS, "/api/embed"))
 _CONTENT = re.compile(rb'"(?:response|content|thinking)"\s*:\s*"(?!")')
 _TEXT = re.compile(rb'"(?:response|content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
@@ -73,6 +79,8 @@ def plan_request(path: str, doc: Any) -> RequestPlan:
         plan.model = doc["model"]
     # Ollama streams unless told not to
     plan.stream = path in GENERATE_PATHS and doc.get("stream") is not False
+    if path in COUNTED_PATHS:
+        plan.usage_at = DONE_LINE
     options = doc.get("options")
     if isinstance(options, dict):
         n = int_field(options.get("num_predict"))
@@ -99,12 +107,14 @@ def _final(usage: Usage, obj: dict[str, Any]) -> None:
 
 class OllamaStream(ObservingStream):
     """Incremental parser of an NDJSON answer: counts content lines, decodes only the ``done``
-    line (and, when text is collected, the content string of each line)."""
+    line (and, when text is collected, the content string of each line). With ``energy``, the
+    ``done`` line gains the figures as top-level members, beside Ollama's own counts (it has
+    no ``usage`` object)."""
 
     framer_class = NDJSONFramer
 
-    def __init__(self, collect_text: bool = False) -> None:
-        super().__init__()
+    def __init__(self, collect_text: bool = False, energy: FiguresFn | None = None) -> None:
+        super().__init__(energy)
         self.collect_text = collect_text
         self.tokens = 0
         self.lines = 0
@@ -133,6 +143,12 @@ class OllamaStream(ObservingStream):
         if isinstance(obj, dict):
             self.done = True
             _final(self._usage, obj)
+            if obj.get("done") is True:
+                self.splice_at = DONE_LINE
+
+    def splice(self, frame: bytes, path: KeyPath, energy: FiguresFn) -> bytes:
+        """The ``done`` line with the figures as its last members."""
+        return UsageSplicer(energy, path=path).feed(frame)
 
     @property
     def text(self) -> str:
@@ -149,7 +165,8 @@ def stream_parser(
         return openai.stream_parser(path, content_type, plan, collect_text)
     if content_type not in NDJSON_TYPES:
         return None
-    return OllamaStream(collect_text=collect_text)
+    energy = plan.energy if path in GENERATE_PATHS else None
+    return OllamaStream(collect_text=collect_text, energy=energy)
 
 
 def usage_from_body(path: str, doc: Any) -> Usage:

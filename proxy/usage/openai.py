@@ -32,13 +32,17 @@ from proxy.usage.base import (
     sse_data,
     weaker_source,
 )
-from proxy.usage.energy_splice import FiguresFn, splice_event
+from proxy.usage.energy_splice import USAGE, FiguresFn, KeyPath, splice_event
 
 STREAM_USAGE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
 #: APIs whose streams are named events with usage nested in them.
 #: ``stream_options`` that decide whether a stream carries usage (vLLM adds the second).
 _USAGE_OPTIONS = ("include_usage", "continuous_usage_stats")
 EVENT_STREAM_PATHS = frozenset(("/v1/responses", "/v1/messages"))
+#: The Responses API's events that end a stream with the response's final usage (not
+#: ``response.failed``: an error); the usage object in them.
+_FINAL_RESPONSE_EVENTS = frozenset(("response.completed", "response.incomplete"))
+_RESPONSE_USAGE: KeyPath = (b"response", b"usage")
 #: Paths whose request body is JSON, whatever Content-Type the client sent (multipart uploads,
 #: transcriptions and image edits, are not among them).
 JSON_PATHS = frozenset(
@@ -529,6 +533,17 @@ def _merge_usage(usage: Usage, u: dict[str, Any]) -> None:
     usage.merge_server(prompt, completion)
 
 
+def _final_usage_at(kind: Any, obj: dict[str, Any]) -> KeyPath | None:
+    """Where an event that ends a named-event stream holds its final usage object."""
+    if kind in _FINAL_RESPONSE_EVENTS:
+        response = obj.get("response")
+        if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+            return _RESPONSE_USAGE
+    elif kind == "message_delta" and isinstance(obj.get("usage"), dict):
+        return USAGE
+    return None
+
+
 class EventSSE(ObservingStream):
     """Incremental parser of a stream of named events: ``/v1/responses`` and ``/v1/messages``.
 
@@ -536,10 +551,15 @@ class EventSSE(ObservingStream):
     ``message_start`` and ``message_delta``), later ones winning. Only events that mention
     ``usage`` (or text deltas, when text is collected) are decoded; one too large to decode is
     searched for its token counts instead.
+
+    With ``energy``, the final usage gains the figures: ``response.usage`` of
+    ``response.completed`` (or ``response.incomplete``), the ``usage`` of ``message_delta``.
+    ``message_start``'s usage is the prompt's, before any generation, and ``response.failed``
+    is an error: neither is touched.
     """
 
-    def __init__(self, collect_text: bool = False) -> None:
-        super().__init__()
+    def __init__(self, collect_text: bool = False, energy: FiguresFn | None = None) -> None:
+        super().__init__(energy)
         self.collect_text = collect_text
         self.tokens = 0
         self.events = 0
@@ -575,9 +595,11 @@ class EventSSE(ObservingStream):
             if not isinstance(usage, dict):
                 usage = obj.get("usage")
             if isinstance(usage, dict):
-                if obj.get("type") == "message_start":  # its output count is a placeholder
+                kind = obj.get("type")
+                if kind == "message_start":  # its output count is a placeholder
                     usage = {"input_tokens": usage.get("input_tokens")}
                 _merge_usage(self._usage, usage)
+                self.splice_at = _final_usage_at(kind, obj)
 
     def _scan_counts(self, data: bytes) -> None:
         at = data.rfind(b'"usage"')
@@ -657,7 +679,7 @@ def stream_parser(
     if content_type != "text/event-stream":
         return None
     if path in EVENT_STREAM_PATHS:
-        return EventSSE(collect_text=collect_text)
+        return EventSSE(collect_text=collect_text, energy=plan.energy)
     return OpenAISSE(
         strip_usage=plan.inject_usage, collect_text=collect_text, energy=energy_of(plan)
     )

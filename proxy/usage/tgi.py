@@ -27,6 +27,7 @@ from proxy.usage.base import (
     parse_json,
     sse_data,
 )
+from proxy.usage.energy_splice import FiguresFn, KeyPath
 
 STREAM_PATHS = frozenset(("/generate_stream",))
 #: Paths whose request body is JSON, whatever Content-Type the client sent.
@@ -34,6 +35,8 @@ JSON_PATHS = frozenset(
     ("/", "/generate", *STREAM_PATHS, "/tokenize", "/chat_tokenize", *openai.STREAM_USAGE_PATHS)
 )
 _TOKEN = re.compile(rb'"token"\s*:\s*\{')
+#: Energy in the answer: the final event's ``details``, where TGI reports its counts.
+DETAILS: KeyPath = (b"details",)
 _FINAL = re.compile(rb'"generated_text"\s*:\s*"|"details"\s*:\s*\{')
 
 
@@ -50,6 +53,8 @@ def plan_request(path: str, doc: Any) -> RequestPlan:
     params = params if isinstance(params, dict) else {}
     plan.max_tokens = int_field(params.get("max_new_tokens"))
     plan.stream = path in STREAM_PATHS or (path == "/" and doc.get("stream") is True)
+    if path == "/generate":  # "/" answers a list, which is not spliced
+        plan.usage_at = DETAILS
     if isinstance(doc.get("model"), str):
         plan.model = doc["model"]
     return plan
@@ -57,10 +62,11 @@ def plan_request(path: str, doc: Any) -> RequestPlan:
 
 class TGIStream(ObservingStream):
     """Incremental parser of ``/generate_stream``: one event is one generated token; the last
-    event's ``details`` (when the client asked for them) holds the server's counts."""
+    event's ``details`` (when the client asked for them) holds the server's counts, and, with
+    ``energy``, gains the figures (no ``details``, no figures: the client asked for no counts)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, energy: FiguresFn | None = None) -> None:
+        super().__init__(energy)
         self.tokens = 0
         self.events = 0
         self.generated_text: str | None = None
@@ -90,6 +96,7 @@ class TGIStream(ObservingStream):
             self._usage.merge_server(
                 int_field(details.get("input_length")), int_field(details.get("generated_tokens"))
             )
+            self.splice_at = DETAILS
 
     def finish(self) -> Usage:
         usage = self._usage
@@ -112,7 +119,7 @@ def stream_parser(
         return openai.stream_parser(path, content_type, plan, collect_text)
     if content_type != "text/event-stream":
         return None
-    return TGIStream()
+    return TGIStream(energy=plan.energy)
 
 
 def usage_from_body(path: str, doc: Any) -> Usage:
