@@ -116,6 +116,18 @@ def test_a_zone_the_water_table_lacks_is_refused_naming_the_key() -> None:
     )
 
 
+def test_env_overrides_reach_the_table() -> None:
+    cfg = parse_config(
+        {},
+        "c.yaml",
+        environ={
+            "WATTPROXY_CARBON__ZONE": "DE",
+            "WATTPROXY_CARBON__GRID_WATER_FROM_TABLE": "true",
+        },
+    )
+    assert cfg.carbon.grid_water_l_per_kwh == grid_water_table()["DE"].l_per_kwh
+
+
 def test_check_config_names_the_key(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"carbon": {"zone": "JP", "grid_water_from_table": True}}))
