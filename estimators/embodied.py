@@ -34,10 +34,10 @@ class TableEntry:
 
     embodied_kg_co2e: float
     source: str
-    scope: str = "card"
-    year: int = 0
-    url: str = ""
-    derivation: str = ""
+    scope: str
+    year: int
+    url: str
+    derivation: str
 
 
 @functools.cache

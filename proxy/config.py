@@ -18,8 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from estimators.carbon import CarbonConfig, zone_findings
-from estimators.carbon.config import grid_water_problem
+from estimators.carbon import CarbonConfig, grid_water_problem, zone_findings
 from estimators.meters import MeterConfig
 from estimators.section import Section
 from proxy.errors import ConfigError

@@ -14,14 +14,8 @@ import aiohttp
 import pytest
 import yaml
 
-from estimators.carbon import CarbonConfig
-from estimators.carbon.grid_water import (
-    L_PER_GAL,
-    MACKNICK_GAL_PER_MWH,
-    grid_water,
-    grid_water_table,
-    mix_water_l_per_kwh,
-)
+from estimators.carbon import CarbonConfig, grid_water, grid_water_table
+from estimators.carbon.grid_water import L_PER_GAL, MACKNICK_GAL_PER_MWH, mix_water_l_per_kwh
 from proxy.config import ConfigError, parse_config
 from proxy.standins import StandIn
 from tests.helpers.serve import ROOT, WATTPROXY, base_config, final_record, serve_process
