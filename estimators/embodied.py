@@ -28,8 +28,16 @@ SECONDS_PER_YEAR = 365.25 * 24 * 3600.0
 
 @dataclass(frozen=True, slots=True)
 class TableEntry:
+    """One row of ``devices.csv``: the figure, what it covers (``card``: the board alone;
+    ``server-share``: a GPU's share of a server), the publication, its year and address, and
+    how the figure was derived from it."""
+
     embodied_kg_co2e: float
     source: str
+    scope: str
+    year: int
+    url: str
+    derivation: str
 
 
 @functools.cache
@@ -38,7 +46,14 @@ def device_table() -> dict[str, TableEntry]:
     text = resources.files("estimators").joinpath("devices.csv").read_text("utf-8")
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     return {
-        row["model"].upper(): TableEntry(float(row["embodied_kg_co2e"]), row["source"])
+        row["model"].upper(): TableEntry(
+            embodied_kg_co2e=float(row["embodied_kg_co2e"]),
+            source=row["source"],
+            scope=row["scope"],
+            year=int(row["year"]),
+            url=row["url"],
+            derivation=row["derivation"],
+        )
         for row in csv.DictReader(lines)
     }
 
@@ -73,7 +88,7 @@ def device_embodied(
         if entry is None:
             known = ", ".join(sorted(device_table()))
             raise ValueError(f"model {model!r} is not in the shipped table (known: {known})")
-        kg, source = entry.embodied_kg_co2e, f"table:{entry.source}"
+        kg, source = entry.embodied_kg_co2e, f"table:{entry.source} ({entry.scope})"
     return DeviceEmbodied(kg, lifetime_years * SECONDS_PER_YEAR, source)
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from estimators.carbon import CarbonConfig, zone_findings
+from estimators.carbon import CarbonConfig, grid_water_problem, zone_findings
 from estimators.meters import MeterConfig
 from estimators.section import Section
 from proxy.errors import ConfigError
@@ -406,13 +406,16 @@ def parse_config(
 
 def _semantic_problems(cfg: Config) -> list[str]:
     """What a well-formed config can still get wrong: upstreams that can never be chosen, a
-    carbon zone the static table lacks."""
+    carbon zone the static table lacks, a grid water figure the table cannot give."""
     # under a carbon or energy policy several upstreams may list the same model on purpose
     problems = shadowed_upstreams(cfg.upstreams) if cfg.routing.policy == "first" else []
     c = cfg.carbon
     zone_problem, _ = zone_findings(c.provider, c.zone, c.intensity_g_per_kwh)
     if zone_problem:
         problems.append(f"carbon.zone: {zone_problem}")
+    water_problem = grid_water_problem(c)
+    if water_problem:
+        problems.append(f"carbon.grid_water_from_table: {water_problem}")
     for n, upstream in enumerate(cfg.upstreams):
         own = upstream.carbon
         if own is not None and own.zone is not None:

@@ -157,9 +157,54 @@ def test_device_figures_from_config_and_table() -> None:
 
 
 def test_every_table_row_names_its_source() -> None:
+    """Each row: a positive figure, what it covers (the card alone, or a GPU's share of a
+    server), the publication, its year and address, and how the figure was derived."""
     for model, entry in device_table().items():
         assert entry.source.strip(), model
         assert entry.embodied_kg_co2e > 0, model
+        assert entry.scope in {"card", "server-share"}, model
+        assert 2000 <= entry.year <= 2030, model
+        assert entry.url.startswith("https://"), model
+        assert entry.derivation.strip(), model
+
+
+@pytest.mark.parametrize(
+    ("model", "kg", "scope"),
+    [
+        # ADEME/Hubblo GPU LCA: per-component GWP summed (manufacturing, transport, end of life)
+        ("A100-PCIE-40GB", 122.0, "card"),
+        ("A100-SXM4-40GB", 113.5, "card"),
+        ("L4", 57.7, "card"),
+        ("H100-PCIE-80GB", 170.1, "card"),
+        ("GH200", 211.8, "card"),
+        ("A100", 318.0, "server-share"),  # Chien et al.: 1/8 of an 8-GPU instance
+    ],
+)
+def test_the_shipped_figures(model: str, kg: float, scope: str) -> None:
+    entry = device_table()[model]
+    assert (entry.embodied_kg_co2e, entry.scope) == (pytest.approx(kg), scope)
+    got = device_embodied(None, 4.0, model.lower())  # the model name's case does not matter
+    assert got is not None and got.embodied_kg_co2e == pytest.approx(kg)
+    assert got.source.startswith("table:")
+
+
+def test_devices_without_a_public_figure_are_not_shipped() -> None:
+    """docs/estimates.md lists these as not shipped; a config naming one is refused."""
+    doc = (ROOT / "docs" / "estimates.md").read_text("utf-8")
+    not_shipped = doc[doc.index("**Not shipped: no public source found**") :]
+    for model, named in (
+        ("H100-SXM5-80GB", "H100 SXM5"),
+        ("H200", "H200"),
+        ("A10G", "A10G"),
+        ("L40S", "L40S"),
+        ("T4", "T4"),
+        ("V100", "V100"),
+        ("MI300X", "MI300X"),
+    ):
+        assert named in not_shipped[:1200], named
+        assert model not in device_table()
+        with pytest.raises(ValueError, match="not in the shipped table"):
+            device_embodied(None, 4.0, model)
 
 
 def test_meter_config_validates_embodied() -> None:
