@@ -15,6 +15,7 @@ energy is not charged to the requests queued behind it.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import Counter
@@ -89,12 +90,26 @@ class NoObserver:
         pass
 
 
+class Unset(enum.Enum):
+    """No figure of an upstream's own: the ``carbon:`` section's applies."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
+
+
 class Grid(Protocol):
     """Grids other than the ``carbon:`` section's (upstreams with their own ``carbon``)."""
 
     def device_g_per_j(self, device: str) -> float | None: ...
 
     def upstream_g_per_j(self, upstream: str) -> float | None: ...
+
+    def upstream_water_l_per_j(self, upstream: str) -> float | Unset | None:
+        """Litres per joule of an upstream in its own zone (None: not reported), ``UNSET``
+        when the ``carbon:`` section's figure applies."""
+        ...
 
 
 @dataclass(slots=True)
@@ -387,6 +402,14 @@ class Accountant:
         own = self.grid.upstream_g_per_j(upstream) if self.grid is not None else None
         return self.g_per_j() if own is None else own
 
+    def upstream_water_l_per_j(self, upstream: str) -> float | None:
+        """Litres of water per joule where ``upstream`` draws its power (None: not reported)."""
+        if self.grid is not None:
+            own = self.grid.upstream_water_l_per_j(upstream)
+            if own is not UNSET:
+                return own
+        return self.water_l_per_j
+
     def drain(self) -> int:
         """At shutdown: finalize every request that has ended, with what was measured so far."""
         ended = [r for r in self.requests.values() if r.ended]
@@ -409,7 +432,7 @@ class Accountant:
             flight,
             lambda: self.estimator.estimate(req.shape),
             self.upstream_g_per_j(rec.upstream),
-            self.water_l_per_j,
+            self.upstream_water_l_per_j(rec.upstream),
         )
         if flight is not None and rec.basis == MEASURED:
             self.estimator.observe(req.shape, flight.energy_j)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from estimators.carbon import CarbonConfig, grid_water_problem, zone_findings
+from estimators.carbon import CarbonConfig, grid_water, grid_water_problem, zone_findings
 from estimators.meters import MeterConfig
 from estimators.section import Section
 from proxy.errors import ConfigError
@@ -423,6 +423,11 @@ def _semantic_problems(cfg: Config) -> list[str]:
             found, _ = zone_findings(c.provider, own.zone, fixed if fixed is not None else None)
             if found:
                 problems.append(f"upstreams.{n}.carbon.zone: {found}")
+            if c.grid_water_from_table and grid_water(own.zone) is None:
+                problems.append(
+                    f"upstreams.{n}.carbon.zone: {own.zone!r} has no row in the grid water "
+                    "table (carbon.grid_water_from_table is on); its water cannot be reported"
+                )
     return problems
 
 

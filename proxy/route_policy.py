@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from estimators.carbon import CarbonClock, CarbonConfig
+from estimators.carbon.grid_water import grid_water
+from estimators.embodied import water_l_per_j
 from estimators.estimator import Estimator, RequestShape
+from proxy.accounting import UNSET, Unset
 from proxy.config import Config, RoutingConfig, UpstreamConfig
 from proxy.routing import Candidate, RouteLimits, choose
 from proxy.tasks import task_for
@@ -87,6 +90,11 @@ class RouteState:
                 self._clocks[key] = clock = self._make_clock(carbon)
                 new.append(clock)
         return new
+
+    @property
+    def base_cfg(self) -> CarbonConfig:
+        """The ``carbon:`` section the upstreams' own settings override."""
+        return self._base_cfg
 
     def clocks(self) -> list[CarbonClock]:
         """Every clock, the ``carbon:`` section's first."""
@@ -200,3 +208,20 @@ class UpstreamGrids:
                     return None
                 return self._routes.clock(upstream).g_per_j()
         return None
+
+    def upstream_water_l_per_j(self, name: str) -> float | Unset | None:
+        """Litres per joule where ``name`` draws its power, when its own ``carbon`` section
+        moves it to another zone or PUE (``UNSET`` otherwise: the section's figure applies).
+        With ``carbon.grid_water_from_table`` the grid's figure is its own zone's row (None
+        when the table lacks it); a figure set by hand in ``carbon:`` applies to every zone."""
+        base = self._routes.base_cfg
+        for upstream in self._upstreams():
+            if upstream.name != name or upstream.carbon is None:
+                continue
+            own = upstream_carbon(base, upstream)
+            grid_l = base.grid_water_l_per_kwh
+            if base.grid_water_from_table and own.zone.upper() != base.zone.upper():
+                row = grid_water(own.zone)
+                grid_l = None if row is None else row.l_per_kwh
+            return water_l_per_j(base.wue_l_per_kwh, grid_l, own.pue)
+        return UNSET

@@ -179,3 +179,48 @@ async def test_serve_takes_the_zones_water_from_the_table(
         rec = await final_record(s, served.base, rid)
     assert rec["energy_j"] > 0
     assert rec["water_l"] == pytest.approx(rec["energy_j"] * (0.5 + 1.2 * fr) / 3.6e6)
+
+
+async def test_serve_charges_each_upstream_the_water_of_its_own_zone(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Two upstreams serving one model in two zones (carbon-aware routing's setup): each
+    record's litres use its upstream's zone row and PUE, not the section's."""
+    near = await aiohttp_server(StandIn(scale=0.02).app())
+    far = await aiohttp_server(StandIn(scale=0.02).app())
+    doc = base_config(str(near.make_url("")).rstrip("/"), tmp_path)
+    doc["carbon"] = {"zone": "FR", "pue": 1.2, "wue_l_per_kwh": 0.5, "grid_water_from_table": True}
+    doc["upstreams"] = [
+        {"name": "fr", "url": str(near.make_url("")).rstrip("/"), "models": ["fr-*"]},
+        {
+            "name": "de",
+            "url": str(far.make_url("")).rstrip("/"),
+            "models": ["de-*"],
+            "carbon": {"zone": "DE", "pue": 1.5},
+        },
+    ]
+    table = grid_water_table()
+    fr, de = table["FR"].l_per_kwh, table["DE"].l_per_kwh
+    assert fr != de
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        records = {}
+        for model in ("fr-m", "de-m"):
+            async with s.post(
+                served.base + "/v1/chat/completions", json={**CHAT, "model": model}
+            ) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+                records[model] = await final_record(s, served.base, r.headers["X-Request-Id"])
+    fr_rec, de_rec = records["fr-m"], records["de-m"]
+    assert fr_rec["water_l"] == pytest.approx(fr_rec["energy_j"] * (0.5 + 1.2 * fr) / 3.6e6)
+    assert de_rec["water_l"] == pytest.approx(de_rec["energy_j"] * (0.5 + 1.5 * de) / 3.6e6)
+
+
+def test_an_upstream_zone_the_water_table_lacks_is_refused_naming_it() -> None:
+    doc = {
+        "carbon": {"zone": "FR", "wue_l_per_kwh": 0.5, "grid_water_from_table": True},
+        "upstreams": [{"name": "x", "carbon": {"zone": "XX-NOWHERE", "intensity_g_per_kwh": 100}}],
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert any("upstreams.0.carbon.zone" in p and "water" in p for p in err.value.problems)
