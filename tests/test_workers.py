@@ -7,10 +7,12 @@ that dies (restarted, its requests closed as ``proxy_restart``, nothing counted 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,19 @@ def workers_config(upstream_url: str, tmp_path: Path, **sections: Any) -> dict[s
     doc = base_config(upstream_url, tmp_path, **sections)
     doc["listen"] = {"port": free_port(), "workers": 2, **sections.get("listen", {})}
     return doc
+
+
+@contextlib.asynccontextmanager
+async def serve_workers(doc: dict[str, Any], tmp_path: Path) -> AsyncIterator[ServedProcess]:
+    """``serve_process``, once every worker serves (the accounting process says so; before,
+    the first worker up takes every connection)."""
+    async with serve_process(doc, tmp_path) as served:
+
+        async def listening() -> bool:
+            return "with 2 workers" in served.output()
+
+        await wait_until(listening, "every worker serving")
+        yield served
 
 
 def worker_pids(served: ServedProcess) -> list[int]:
@@ -103,7 +118,7 @@ async def test_two_workers_share_the_port_and_every_joule_is_counted_once(
     upstream: TestServer, tmp_path: Path
 ) -> None:
     doc = workers_config(url_of(upstream), tmp_path)
-    async with serve_process(doc, tmp_path) as served:
+    async with serve_workers(doc, tmp_path) as served:
         assert len(worker_pids(served)) == 2
         bodies = [CHAT, {**CHAT, "stream": True}, {**CHAT, "max_tokens": 4}]
         results = await asyncio.gather(*(chat(served.base, bodies[i % 3]) for i in range(30)))
@@ -134,7 +149,7 @@ async def test_a_record_is_provisional_while_its_stream_runs_then_final(
 ) -> None:
     up = await aiohttp_server(StandIn(flavor="vllm", scale=5.0).app())  # ~60 ms per token
     doc = workers_config(url_of(up), tmp_path)
-    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+    async with serve_workers(doc, tmp_path) as served, aiohttp.ClientSession() as s:
         resp = await s.post(
             served.base + "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 24}
         )
@@ -157,7 +172,7 @@ async def test_a_killed_worker_is_restarted_and_its_requests_end_as_proxy_restar
 ) -> None:
     up = await aiohttp_server(StandIn(flavor="vllm", scale=10.0).app())  # ~120 ms per token
     doc = workers_config(url_of(up), tmp_path)
-    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+    async with serve_workers(doc, tmp_path) as served, aiohttp.ClientSession() as s:
         before = worker_pids(served)
         resp = await s.post(
             served.base + "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 60}
@@ -211,7 +226,7 @@ async def test_sighup_to_the_accounting_process_reloads_every_worker(
     new_up = await aiohttp_server(StandIn(flavor="vllm", scale=0.0).app())
     doc = workers_config(url_of(upstream), tmp_path)
     doc["upstreams"] = [{"name": "old", "url": url_of(upstream), "models": ["m"]}]
-    async with serve_process(doc, tmp_path) as served:
+    async with serve_workers(doc, tmp_path) as served:
         body = {**CHAT, "model": "new-model"}
         status, _, _ = await chat(served.base, body)
         assert status == 404
@@ -235,7 +250,7 @@ async def test_sigterm_drains_every_worker_and_flushes_the_ledger(
 ) -> None:
     up = await aiohttp_server(StandIn(flavor="vllm", scale=10.0).app())
     doc = workers_config(url_of(up), tmp_path, listen={"shutdown_grace_s": 15})
-    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+    async with serve_workers(doc, tmp_path) as served, aiohttp.ClientSession() as s:
         streams = [
             await s.post(
                 served.base + "/v1/chat/completions",
@@ -266,7 +281,7 @@ async def test_budgets_hold_across_workers(upstream: TestServer, tmp_path: Path)
         tmp_path,
         budgets={"users": {"anonymous": {"grams_per_day": 0}}, "cache_s": 0},
     )
-    async with serve_process(doc, tmp_path) as served:
+    async with serve_workers(doc, tmp_path) as served:
         results = await asyncio.gather(*(chat(served.base) for _ in range(10)))
         assert [status for status, _, _ in results] == [429] * 10
         body = yaml.safe_load(results[0][2])
