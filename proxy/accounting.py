@@ -159,6 +159,10 @@ class Accounts(Protocol):
 
     def provisional(self, request_id: str) -> RequestRecord | None: ...
 
+    def want_figures(self, req: OpenRequest) -> None:
+        """``provisional`` will be asked for this request (energy in its answer)."""
+        ...
+
     def upstream_g_per_j(self, upstream: str) -> float: ...
 
 
@@ -351,6 +355,9 @@ class Accountant:
             req.t_first_byte_s,
             req.t_last_token_s,
         )
+
+    def want_figures(self, req: OpenRequest) -> None:
+        pass  # the figures are here
 
     def provisional(self, request_id: str) -> RequestRecord | None:
         """The record as it stands, with the energy attributed so far (``final`` false)."""

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -77,6 +77,8 @@ class Parts:
     budgets: Budgets | None = None
     tracing: NullTracing = field(default_factory=NullTracing)
     routes: RouteState | None = None
+    #: told of every final record after its span (the workers' hub sends it back to a worker)
+    final_hooks: list[Callable[[RequestRecord], None]] = field(default_factory=list)
 
     @property
     def runtime(self) -> Runtime:
@@ -185,11 +187,14 @@ def build_parts(
     access_log = logging.getLogger(ACCESS_LOGGER)
 
     tracing = build_tracing(cfg.tracing)
+    final_hooks: list[Callable[[RequestRecord], None]] = []
 
     def sink(record: RequestRecord) -> None:
         """Where every final record goes: its span, metrics, memory, ledger, access log,
-        budgets."""
+        budgets (and the hooks: the worker that handled it, with several)."""
         tracing.finish(record)  # the span ends with the final record (its trace id on it)
+        for hook in final_hooks:
+            hook(record)
         metrics.observe_final(record)
         recent.add(record)
         writer.submit(record)
@@ -233,6 +238,7 @@ def build_parts(
         budgets=budgets,
         tracing=tracing,
         routes=routes,
+        final_hooks=final_hooks,
     )
 
 

@@ -261,12 +261,6 @@ class Config(Section):
             raise ValueError(f"upstreams: names must be unique, repeated: {', '.join(dupes)}")
         if not self.upstreams:
             raise ValueError("upstreams: at least one upstream is needed")
-        if self.tracing.enabled and self.listen.workers != 1:
-            raise ValueError(
-                "tracing.enabled: spans are not yet supported with listen.workers other than 1 "
-                "(a span opens in a worker and ends with the final record in the accounting "
-                "process); use one worker, or turn tracing off"
-            )
         return self
 
 

@@ -51,6 +51,7 @@ class RequestFigures:
     def __init__(self, accountant: Accounts, req: OpenRequest) -> None:
         self.accountant = accountant
         self.req = req
+        accountant.want_figures(req)
         #: what the estimator expects of the request before its answer
         self.estimate_j = accountant.estimator.estimate(req.shape).energy_j
 

@@ -12,8 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from estimators.carbon import CarbonClock, CarbonConfig
-from estimators.carbon.grid_water import grid_water
+from estimators.carbon import CarbonClock, CarbonConfig, grid_water
 from estimators.embodied import water_l_per_j
 from estimators.estimator import Estimator, RequestShape
 from proxy.accounting import UNSET, Unset

@@ -98,6 +98,11 @@ class NullTracing:
 
     enabled = False
 
+    @property
+    def open_spans(self) -> int:
+        """Spans started and not yet finished (waiting for their final records)."""
+        return 0
+
     def start(self, record: RequestRecord, headers: Mapping[str, str], path: str) -> None:
         pass
 
@@ -152,6 +157,10 @@ class OTelTracing(NullTracing):
         #: request id -> (span, operation) until the request's record is final; as bounded as
         #: the requests in flight
         self._open: dict[str, tuple[Any, str]] = {}
+
+    @property
+    def open_spans(self) -> int:
+        return len(self._open)
 
     def start(self, record: RequestRecord, headers: Mapping[str, str], path: str) -> None:
         """Open the request's span, a child of the client's ``traceparent`` if it sent one."""

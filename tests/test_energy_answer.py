@@ -36,7 +36,7 @@ from tests.helpers.openai_replays import (
     VLLM_CLIENT_VIEW,
     VLLM_WITH_USAGE,
 )
-from tests.helpers.serve import base_config, serve_process
+from tests.helpers.serve import base_config, final_record, serve_process
 from tests.helpers.through_proxy import call, upstream_config
 
 FIG = (12.5, 0.00123, "measured")
@@ -737,3 +737,25 @@ async def test_native_body_without_usage_object_untouched(
     proxy, _ = await make_proxy(upstream_config(url_of(up), tmp_path, "tgi"))
     got = await call(url_of(proxy), path, body, headers=OPT_IN)
     assert got.body == bytes(tgi.sent[-1])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_serve_measured_figures_in_a_streams_usage(
+    aiohttp_server: Any, tmp_path: Path, workers: int
+) -> None:
+    """A metered stream that lasts several meter intervals gets the energy measured so far
+    (``source: "measured"``, ``final: false``) in its usage chunk, also with two workers (the
+    accounting process sends the figures back to the worker at every interval); its record's
+    final energy is at least that."""
+    up = await aiohttp_server(StandIn(flavor="vllm", scale=3.0).app())  # ~36 ms per token
+    doc = base_config(url_of(up), tmp_path)
+    doc["listen"]["workers"] = workers
+    async with serve_process(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+        body, headers = await _chat(s, served.base, {**STREAM_USAGE, "max_tokens": 12}, True)
+        events = [e for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+        usage = json.loads(events[-1][6:])["usage"]
+        assert usage["completion_tokens"] == 12
+        assert usage["source"] == "measured" and usage["final"] is False
+        assert usage["energy_j"] > 0 and usage["co2e_g"] > 0
+        record = await final_record(s, served.base, headers["X-Request-Id"])
+    assert record["energy_j"] >= usage["energy_j"]

@@ -86,10 +86,14 @@ async def post(
         return r.headers["X-Request-Id"]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_one_span_per_request_with_genai_and_energy_attributes_and_trace_context(
-    aiohttp_server: Any, tmp_path: Path
+    aiohttp_server: Any, tmp_path: Path, workers: int
 ) -> None:
+    """Also with two workers: the span opens in the worker that handles the request and ends
+    there with the final record the accounting process sends back."""
     standin, receiver, doc = await peers(aiohttp_server, tmp_path, enabled=True)
+    doc["listen"]["workers"] = workers
     async with serve_process(doc, tmp_path, env=IMPORT_LOG) as served, aiohttp.ClientSession() as s:
         base = served.base
         rids = [

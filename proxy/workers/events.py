@@ -11,6 +11,14 @@ the batching delayed it by.
     ["t", request_id, tokens, t]                              tokens streamed (summed per batch)
     ["e", request_id, status, usage, outcome, extra, t]       it ended
     ["c", counter, labels]                                    a decision counted (routing...)
+    ["w", request_id, wants]                                  it wants figures sent back
+
+and back, from the accounting process to the worker that handled the request:
+
+    ["p", request_id, energy_j, co2e_g, source]   its figures so far, at every meter interval
+                                                  (energy in the answer: ``WANT_FIGURES``)
+    ["F", record]                                 its final record (its span ends with it:
+                                                  ``WANT_FINAL``, tracing)
 """
 
 from __future__ import annotations
@@ -31,6 +39,13 @@ FIRST_BYTE = "f"
 TOKENS = "t"
 END = "e"
 COUNT = "c"
+WANT = "w"
+FIGURES = "p"
+FINAL = "F"
+
+#: What a request wants sent back (bits of ``["w", ...]``).
+WANT_FIGURES = 1
+WANT_FINAL = 2
 
 #: The counters a worker may increment in the accounting process (``Counters``' methods).
 COUNTERS = frozenset(("route_decision", "budget_rejection"))

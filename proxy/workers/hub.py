@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from estimators.meters import Reading
 from proxy.accounting import Accountant, OpenRequest
 from proxy.budgets import Budgets
 from proxy.errors import BudgetExceeded
@@ -31,6 +33,11 @@ from proxy.workers.remote import budget_shape_of
 
 log = logging.getLogger("wattproxy.workers")
 
+#: Seconds a meter reading waits before the engine splits it: by then every worker's events
+#: up to the reading's time have arrived (they go out every 5 ms, stamped with their own
+#: times), so no request is missing from the interval it ran in. A worker stalled for longer
+#: has its requests' share of that interval go to the others (still conserved).
+READING_LAG_S = 0.1
 #: How a request is closed when its worker is gone.
 PROXY_RESTART = "proxy_restart"
 #: The longest event batch line read (a worker's 5 ms of events; far below it in practice).
@@ -41,14 +48,56 @@ class WorkerEvents:
     """The requests of one worker connection, and its events applied to the accountant."""
 
     def __init__(
-        self, accountant: Accountant, counters: Counters, clock: Callable[[], float]
+        self,
+        accountant: Accountant,
+        counters: Counters,
+        clock: Callable[[], float],
+        writer: asyncio.StreamWriter | None = None,
     ) -> None:
         self.accountant = accountant
         self.counters = counters
         self.clock = clock
+        self.writer = writer
         self.open: dict[str, OpenRequest] = {}
         self.pid: int | None = None
         self.index: int | None = None
+        #: requests whose figures so far go back at every meter interval (while open)
+        self.figures_wanted: set[str] = set()
+        #: requests whose final record goes back (until it is final)
+        self.final_wanted: set[str] = set()
+        self._out: list[Event] = []
+        self._flush_armed = False
+
+    def send(self, event: Event) -> None:
+        """To the worker, batched: written once the current callbacks are done."""
+        if self.writer is None or self.writer.is_closing():
+            return
+        self._out.append(event)
+        if not self._flush_armed:
+            self._flush_armed = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_armed = False
+        batch, self._out = self._out, []
+        if batch and self.writer is not None and not self.writer.is_closing():
+            self.writer.write(events.encode(batch))
+
+    def send_figures(self) -> None:
+        """The figures so far of the open requests that want them."""
+        for rid in list(self.figures_wanted):
+            rec = self.accountant.provisional(rid)
+            if rec is None:
+                self.figures_wanted.discard(rid)
+            elif rec.energy_j is not None and rec.co2e_g is not None:
+                self.send([events.FIGURES, rid, rec.energy_j, rec.co2e_g, rec.source])
+
+    def final(self, record: RequestRecord) -> None:
+        if record.request_id in self.final_wanted:
+            self.final_wanted.discard(record.request_id)
+            doc = record.to_dict()
+            doc["energy_j"], doc["co2e_g"] = record.energy_j, record.co2e_g  # not rounded
+            self.send([events.FINAL, doc])
 
     def apply(self, event: Event) -> None:
         kind = event[0]
@@ -71,9 +120,15 @@ class WorkerEvents:
         elif kind == events.END:
             _, rid, status, usage, outcome, extra, t = event
             req = self.open.pop(rid, None)
+            self.figures_wanted.discard(rid)
             if req is not None:
                 req.record.extra.update(extra)
                 acc.end(req, status, events.usage_of(usage), outcome, now=t)
+        elif kind == events.WANT:
+            if event[2] & events.WANT_FIGURES and event[1] in self.open:
+                self.figures_wanted.add(event[1])
+            if event[2] & events.WANT_FINAL:
+                self.final_wanted.add(event[1])
         elif kind == events.COUNT:
             if event[1] in events.COUNTERS:
                 getattr(self.counters, event[1])(*event[2])
@@ -85,6 +140,8 @@ class WorkerEvents:
         now = self.clock()
         left = list(self.open.values())
         self.open.clear()
+        self.figures_wanted.clear()
+        self.final_wanted.clear()  # nobody to send them to
         for req in left:
             status = req.record.status or 502
             self.accountant.end(req, status, Usage(), PROXY_RESTART, now=now)
@@ -116,7 +173,7 @@ class Hub:
         self._readers: set[asyncio.Task[Any]] = set()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = WorkerEvents(self.accountant, self.counters, self.clock)
+        conn = WorkerEvents(self.accountant, self.counters, self.clock, writer)
         self.connections.add(conn)
         task = asyncio.current_task()
         if task is not None:
@@ -158,6 +215,22 @@ class Hub:
             if task is not None:
                 self._readers.discard(task)
 
+    def final(self, record: RequestRecord) -> None:
+        """A final record (``Parts.final_hooks``): back to the worker that wants it."""
+        for conn in self.connections:
+            if record.request_id in conn.final_wanted:
+                conn.final(record)
+                return
+
+    async def send_figures(self, interval_s: float) -> None:
+        """Every ``interval_s`` (the meter's), the figures so far of the requests that want
+        them, to their workers."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for conn in list(self.connections):
+                if conn.figures_wanted:
+                    conn.send_figures()
+
     async def wait_closed(self, timeout_s: float = 5.0) -> None:
         """Wait until every worker connection is read to its end (the workers have exited), so
         their last events are applied; then close what is left."""
@@ -165,6 +238,34 @@ class Hub:
             await asyncio.wait(set(self._readers), timeout=timeout_s)
         for conn in list(self.connections):
             self.restarted += conn.close_all()
+
+
+class LaggedReadings:
+    """The sampler's callback in the accounting process: each reading is applied
+    ``READING_LAG_S`` after it was read (in order). ``immediate``: at shutdown, once every
+    worker's last events are in, readings apply at once (the last one covers the last ends)."""
+
+    def __init__(self, apply: Callable[[Reading], None], lag_s: float = READING_LAG_S) -> None:
+        self.apply = apply
+        self.lag_s = lag_s
+        self.immediate = False
+        self._pending: deque[Reading] = deque()
+
+    def __call__(self, reading: Reading) -> None:
+        if self.immediate:
+            self.flush()
+            self.apply(reading)
+            return
+        self._pending.append(reading)
+        asyncio.get_running_loop().call_later(self.lag_s, self._next)
+
+    def _next(self) -> None:
+        if self._pending:
+            self.apply(self._pending.popleft())
+
+    def flush(self) -> None:
+        while self._pending:
+            self.apply(self._pending.popleft())
 
 
 def budget_handler(budgets: Budgets) -> Callable[[web.Request], Any]:

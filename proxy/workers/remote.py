@@ -6,9 +6,11 @@ it sends on, and the endpoints it passes on (``/metrics``, ``/readyz``, ``/v1/em
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -77,6 +79,16 @@ class EventChannel:
         self._tokens.clear()
         self._writer.write(events.encode(batch))
 
+    async def drain(self) -> None:
+        """Send what is left now, and wait until it is written."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+        if not self._writer.is_closing():
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+
     async def close(self) -> None:
         """Send what is left and close (at the worker's end)."""
         if self._timer is not None:
@@ -96,8 +108,9 @@ class RemoteAccountant:
     record and headers) and sends every step to the accounting process, which holds the
     record until it is final.
 
-    Energy figures in an answer (``response.energy_in_usage``) are the estimator's
-    (``source: "estimated"``): the energy measured so far is the accounting process's.
+    Energy figures in an answer (``response.energy_in_usage``): the accounting process sends
+    a request that wants them its figures so far at every meter interval (``provisional``
+    gives the latest); with tracing on, every request's final record comes back, for its span.
     """
 
     def __init__(
@@ -107,9 +120,13 @@ class RemoteAccountant:
         g_per_j: Callable[[str], float],
         worker: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        want_final: bool = False,
     ) -> None:
         self.channel = channel
         self.worker = worker
+        self.want_final = want_final
+        #: request id -> (energy_j, co2e_g, source) so far, as the accounting process last said
+        self.figures: dict[str, tuple[float, float, str]] = {}
         self.estimator = estimator
         self._g_per_j = g_per_j
         self.clock = clock
@@ -152,7 +169,16 @@ class RemoteAccountant:
                 now,
             ]
         )
+        if self.want_final:
+            self.channel.send([events.WANT, record.request_id, events.WANT_FINAL])
         return req
+
+    def want_figures(self, req: OpenRequest) -> None:
+        self.channel.send([events.WANT, req.record.request_id, events.WANT_FIGURES])
+
+    def on_figures(self, request_id: str, energy_j: float, co2e_g: float, source: str) -> None:
+        if request_id in self.requests:
+            self.figures[request_id] = (energy_j, co2e_g, source)
 
     def first_byte(self, req: OpenRequest, now: float | None = None) -> None:
         if req.t_first_byte_s is None:
@@ -185,6 +211,7 @@ class RemoteAccountant:
             now = self.clock()
         rec = req.record
         self.requests.pop(rec.request_id, None)
+        self.figures.pop(rec.request_id, None)
         rec.status = status
         rec.outcome = outcome
         self.channel.send(
@@ -200,7 +227,16 @@ class RemoteAccountant:
         )
 
     def provisional(self, request_id: str) -> RequestRecord | None:
-        return None  # measured figures live in the accounting process
+        """The record with the figures the accounting process last sent (``final`` false);
+        None before any came."""
+        req = self.requests.get(request_id)
+        figures = self.figures.get(request_id)
+        if req is None or figures is None:
+            return None
+        rec = replace(req.record, extra=dict(req.record.extra))
+        rec.energy_j, rec.co2e_g, rec.source = figures
+        rec.final = False
+        return rec
 
     def upstream_g_per_j(self, upstream: str) -> float:
         return self._g_per_j(upstream)

@@ -38,7 +38,7 @@ from proxy.metrics import metrics_handler
 from proxy.middleware import error_middleware
 from proxy.protocol import ProxyRunner, handler_args
 from proxy.reload import reload_file
-from proxy.workers.hub import MAX_LINE_BYTES, Hub, budget_handler
+from proxy.workers.hub import MAX_LINE_BYTES, Hub, LaggedReadings, budget_handler
 from proxy.workers.remote import BUDGET_PATH
 
 log = logging.getLogger("wattproxy.workers")
@@ -130,6 +130,10 @@ class Supervisor:
         self.parts = build_parts(cfg, **parts_kwargs)
         self.app = accounting_app(cfg, self.parts)
         self.hub = Hub(self.parts.accountant, self.parts.metrics, on_hello=self._hello)
+        self.parts.final_hooks.append(self.hub.final)  # for the spans of the workers' requests
+        # readings wait for the workers' events of their interval (``READING_LAG_S``)
+        self.readings = LaggedReadings(self.parts.accountant.on_reading)
+        self.parts.sampler.on_reading = self.readings
         self.slots = [Slot(i) for i in range(workers)]
         self.stopping = False
         self._dir = Path(tempfile.mkdtemp(prefix="wattproxy-"))
@@ -138,6 +142,7 @@ class Supervisor:
         self._ipc: asyncio.Server | None = None
         self._reserved: socket.socket | None = None
         self._keepers: list[asyncio.Task[None]] = []
+        self._figures: asyncio.Task[None] | None = None
         self._serving: dict[int, asyncio.Event] = {}
         self._reload_lock = asyncio.Lock()
         self._log_level = cfg.log.level
@@ -184,6 +189,9 @@ class Supervisor:
             host = cfg.listen.metrics_host or cfg.listen.host
             await web.TCPSite(self._metrics_runner, host, cfg.listen.metrics_port).start()
         self._worker_config = self._config_file()
+        self._figures = asyncio.get_running_loop().create_task(
+            self.hub.send_figures(cfg.meter.interval_ms / 1000.0), name="wattproxy:figures"
+        )
         for slot in self.slots:
             self._serving[slot.index] = asyncio.Event()
             self._keepers.append(
@@ -318,7 +326,11 @@ class Supervisor:
             await asyncio.gather(*(p.wait() for p in procs))
         for task in self._keepers:
             task.cancel()
+        if self._figures is not None:
+            self._figures.cancel()
         await self.hub.wait_closed()  # every worker's last events applied
+        self.readings.immediate = True  # nothing more to wait for
+        self.readings.flush()
         if self._ipc is not None:
             self._ipc.close()
         if self._metrics_runner is not None:

@@ -35,12 +35,15 @@ from proxy.forward import Forwarder
 from proxy.health import healthz
 from proxy.middleware import error_middleware
 from proxy.protocol import ProxyRunner, handler_args
+from proxy.records import RequestRecord
 from proxy.reload import reload_file
 from proxy.route_policy import RouteState, UpstreamGrids
 from proxy.runtime import Live, Runtime, build_runtime, load_counters, load_keys, model_tasks_of
 from proxy.sessions import Sessions
 from proxy.tokens import TokenCounter
+from proxy.tracing import NullTracing, build_tracing
 from proxy.workers import events
+from proxy.workers.hub import MAX_LINE_BYTES
 from proxy.workers.remote import (
     AccountingLink,
     EventChannel,
@@ -50,6 +53,9 @@ from proxy.workers.remote import (
 )
 
 log = logging.getLogger("wattproxy.worker")
+
+#: Seconds a stopping worker waits for the final records of its open spans.
+FINALS_WAIT_S = 5.0
 
 #: The accounting process's endpoints a worker passes on (``/metrics`` too, when it is on the
 #: main listener).
@@ -72,6 +78,7 @@ class WorkerParts:
     accountant: RemoteAccountant
     budgets: RemoteBudgets
     routes: RouteState
+    tracing: NullTracing
     sessions: Sessions = field(default_factory=Sessions)
     background: Background = field(default_factory=Background)
 
@@ -107,8 +114,11 @@ def build_worker_parts(
         own = grids.upstream_g_per_j(upstream)
         return base.g_per_j() if own is None else own
 
-    accountant = RemoteAccountant(channel, build_estimator(cfg), g_per_j, worker=index)
-    return WorkerParts(live, environ, channel, link, accountant, budgets, routes)
+    tracing = build_tracing(cfg.tracing)  # spans open here, end with the final record sent back
+    accountant = RemoteAccountant(
+        channel, build_estimator(cfg), g_per_j, worker=index, want_final=tracing.enabled
+    )
+    return WorkerParts(live, environ, channel, link, accountant, budgets, routes, tracing)
 
 
 def worker_app(cfg: Config, parts: WorkerParts) -> web.Application:
@@ -123,6 +133,7 @@ def worker_app(cfg: Config, parts: WorkerParts) -> web.Application:
         parts.sessions,
         parts.accountant,
         RemoteCounters(parts.channel),
+        tracing=parts.tracing,
         routes=parts.routes,
     )
     if cfg.listen.metrics_port is None:
@@ -155,7 +166,7 @@ async def run_worker(
     """Serve until SIGTERM/SIGINT or until the accounting process is gone."""
     from proxy.server import ssl_context
 
-    reader, writer = await asyncio.open_unix_connection(ipc_path)
+    reader, writer = await asyncio.open_unix_connection(ipc_path, limit=MAX_LINE_BYTES)
     channel = EventChannel(writer)
     link = AccountingLink(http_path)
     parts = build_worker_parts(cfg, channel, link, os.environ, index)
@@ -191,7 +202,7 @@ async def run_worker(
     await site.start()
     channel.send([events.HELLO, os.getpid(), index])
     channel.flush()
-    parent = loop.create_task(reader.read())  # EOF: the accounting process is gone
+    parent = loop.create_task(listen_back(reader, parts))  # ends: the accounting process is gone
     parent.add_done_callback(lambda _: stop.set())
     try:
         await stop.wait()
@@ -199,11 +210,33 @@ async def run_worker(
         for task in reloads:
             task.cancel()
         await runner.cleanup()  # in-flight requests finish (up to the grace), then lifecycle
-        await channel.close()  # their ends go out last
+        await channel.drain()  # their ends go out last
+        deadline = loop.time() + FINALS_WAIT_S
+        while parts.tracing.open_spans and not parent.done() and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # the final records of their spans come back
+        await channel.close()
         await link.close()
         parent.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await parent
+        await asyncio.to_thread(parts.tracing.close)  # export the last spans
+
+
+async def listen_back(reader: asyncio.StreamReader, parts: WorkerParts) -> None:
+    """What the accounting process sends back: figures so far, final records (for spans)."""
+    while True:
+        try:
+            line = await reader.readline()
+        except (ValueError, ConnectionError) as e:
+            log.error("the accounting process's stream broke (%s)", e)
+            return
+        if not line:
+            return
+        for event in events.decode(line):
+            if event[0] == events.FIGURES:
+                parts.accountant.on_figures(event[1], event[2], event[3], event[4])
+            elif event[0] == events.FINAL:
+                parts.tracing.finish(RequestRecord.from_dict(event[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
