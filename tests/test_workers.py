@@ -294,3 +294,32 @@ async def test_budgets_hold_across_workers(upstream: TestServer, tmp_path: Path)
         await wait_until(counted, "ten rejections counted")
         await asyncio.sleep(0.2)
         assert await metric(served.base, "wattproxy_budget_rejections_total") == 10
+
+
+async def test_workers_stop_when_the_accounting_process_is_gone(
+    upstream: TestServer, tmp_path: Path
+) -> None:
+    """SIGKILL to the accounting process: its workers see their event socket close and exit,
+    freeing the port, rather than serve requests nobody accounts for."""
+    doc = workers_config(url_of(upstream), tmp_path)
+    async with serve_workers(doc, tmp_path) as served:
+        pids = worker_pids(served)
+        served.proc.kill()
+        served.proc.wait(10)
+
+        async def all_gone() -> bool:
+            return not any(os.path.exists(f"/proc/{pid}/status") and _alive(pid) for pid in pids)
+
+        await wait_until(all_gone, "the workers exited")
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await chat(served.base)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its (dead) parent's reaper."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = next(line for line in f if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state.split()[1]
