@@ -329,6 +329,8 @@ async def test_serve_charges_embodied_and_water(aiohttp_server: Any, tmp_path: P
     )
     assert 'class="bar-embodied"' in html and "Embodied CO2e" in html
     assert "embodied (manufacturing)" in html  # the chart's series, in its legend
+    water_bars = re.findall(r'class="bar-water" data-day="[^"]+" data-water-l="([^"]+)"', html)
+    assert sum(float(v) for v in water_bars) == pytest.approx(totals["water_l"], rel=1e-6)
     assert "not configured" not in html
     assert "embodied_g" in table and "water_L" in table
 
@@ -356,3 +358,7 @@ def test_report_says_not_configured_rather_than_zero() -> None:
     assert report["totals"]["water_l"] == pytest.approx(0.002)
     page = render_html(report, [known])
     assert 'data-series="embodied" data-co2e-g="0.4"' in page
+    # water: a chart of its own (litres, not grams), a bar per day with the day's litres
+    assert 'id="water-chart"' in page
+    assert 'class="bar-water" data-day="2026-11-29" data-water-l="0.002"' in page
+    assert 'id="water-chart"' not in render_html(build_report("u", start, end, [bare]), [bare])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, timedelta
 from typing import Any
 
@@ -107,6 +107,8 @@ def fmt_energy(energy_j: float) -> str:
 #: The chart's series of embodied (manufacturing) grams, and its colour.
 EMBODIED_SERIES = "embodied (manufacturing)"
 EMBODIED_COLOR = "#7a7f87"
+#: The water chart's colour.
+WATER_COLOR = "#3d7fc1"
 
 
 def _days(start: str, end: str) -> list[str]:
@@ -157,15 +159,7 @@ def chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
         f'viewBox="0 0 {CHART_WIDTH_PX} {{height_px}}" role="img" '
         'aria-label="Grams CO2e per day, stacked by task">'
     ]
-    for i in range(Y_TICKS + 1):
-        value = top_g * i / Y_TICKS
-        y = base_y - plot_h * i / Y_TICKS
-        parts.append(
-            f'<line class="grid" x1="{MARGIN_LEFT_PX}" x2="{CHART_WIDTH_PX - MARGIN_RIGHT_PX}" '
-            f'y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e6eb"/>'
-            f'<text x="{MARGIN_LEFT_PX - 6}" y="{y + 4:.1f}" text-anchor="end">'
-            f"{_e(fmt_g(value))}</text>"
-        )
+    parts.append(_grid(top_g, fmt_g))
     label_every = max(1, len(days) // 10)
     for i, day in enumerate(days):
         x = MARGIN_LEFT_PX + i * slot_w + (slot_w - bar_w) / 2
@@ -211,6 +205,69 @@ def chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
     parts[0] = parts[0].format(height_px=height_px)
     parts.append(legend)
     parts.append("</svg>")
+    return "".join(parts)
+
+
+def _grid(top: float, fmt: Callable[[float], str]) -> str:
+    """A chart's horizontal grid lines, labelled from 0 to ``top``."""
+    plot_h = CHART_HEIGHT_PX - MARGIN_TOP_PX - MARGIN_BOTTOM_PX
+    base_y = MARGIN_TOP_PX + plot_h
+    parts = []
+    for i in range(Y_TICKS + 1):
+        y = base_y - plot_h * i / Y_TICKS
+        parts.append(
+            f'<line class="grid" x1="{MARGIN_LEFT_PX}" x2="{CHART_WIDTH_PX - MARGIN_RIGHT_PX}" '
+            f'y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e6eb"/>'
+            f'<text x="{MARGIN_LEFT_PX - 6}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{_e(fmt(top * i / Y_TICKS))}</text>"
+        )
+    return "".join(parts)
+
+
+def water_chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
+    """Litres of water per day (on-site and the grid's): one ``rect.bar-water`` per day with
+    water; empty (no chart) when no request had a water figure. Litres are not grams: a chart
+    of their own, not a series on the CO2e one."""
+    days = _days(start, end)
+    litres_of: dict[str, float] = dict.fromkeys(days, 0.0)
+    for r in rows:
+        if r.day in litres_of and r.water_l > 0:
+            litres_of[r.day] += r.water_l
+    if not any(v > 0 for v in litres_of.values()):
+        return ""
+    top_l = _nice_max(max(litres_of.values()))
+    plot_w = CHART_WIDTH_PX - MARGIN_LEFT_PX - MARGIN_RIGHT_PX
+    plot_h = CHART_HEIGHT_PX - MARGIN_TOP_PX - MARGIN_BOTTOM_PX
+    slot_w = plot_w / max(1, len(days))
+    bar_w = max(1.0, slot_w * 0.72)
+    base_y = MARGIN_TOP_PX + plot_h
+    parts = [
+        '<svg id="water-chart" xmlns="http://www.w3.org/2000/svg" width="100%" '
+        f'viewBox="0 0 {CHART_WIDTH_PX} {CHART_HEIGHT_PX}" role="img" '
+        'aria-label="Litres of water per day">',
+        _grid(top_l, lambda v: f"{fmt_num(v)} L"),
+    ]
+    label_every = max(1, len(days) // 10)
+    for i, day in enumerate(days):
+        x = MARGIN_LEFT_PX + i * slot_w + (slot_w - bar_w) / 2
+        litres = litres_of[day]
+        if litres > 0:
+            h = plot_h * litres / top_l
+            parts.append(
+                f'<rect class="bar-water" data-day="{day}" data-water-l="{litres:.9g}" '
+                f'x="{x:.2f}" y="{base_y - h:.2f}" width="{bar_w:.2f}" '
+                f'height="{max(h, 0.5):.2f}" fill="{WATER_COLOR}">'
+                f"<title>{day}: {_e(fmt_num(litres))} L of water</title></rect>"
+            )
+        if i % label_every == 0:
+            parts.append(
+                f'<text x="{x + bar_w / 2:.1f}" y="{base_y + 16}" text-anchor="middle">'
+                f"{day[5:]}</text>"
+            )
+    parts.append(
+        f'<line x1="{MARGIN_LEFT_PX}" x2="{CHART_WIDTH_PX - MARGIN_RIGHT_PX}" y1="{base_y}" '
+        f'y2="{base_y}" stroke="#8a93a0"/></svg>'
+    )
     return "".join(parts)
 
 
@@ -289,6 +346,12 @@ def render_html(report: dict[str, Any], rows: list[AggregateRow]) -> str:
     )
     measured_j = total.measured_energy_j
     estimated_j = max(0.0, total.energy_j - measured_j)
+    water = water_chart_svg(rows, start, end)
+    water_panel = (
+        f'\n<h2>Litres of water per day</h2>\n<div class="panel" id="water">{water}</div>\n'
+        if water
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -305,7 +368,7 @@ def render_html(report: dict[str, Any], rows: list[AggregateRow]) -> str:
 
 <h2>Grams CO2e per day, by task</h2>
 <div class="panel" id="chart">{chart_svg(rows, start, end)}</div>
-
+{water_panel}
 <h2>By model</h2>
 <section id="by-model">{_table("model", group(rows, "model"), total)}</section>
 
