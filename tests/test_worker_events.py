@@ -178,8 +178,7 @@ def test_a_gone_worker_closes_its_open_requests_once_as_proxy_restart() -> None:
     node = Node()
     conn = WorkerEvents(node.acc, _NoCounters(), node.clock)
     for rid, t in (("done", 0.01), ("open", 0.02)):
-        doc = record(rid).to_dict()
-        conn.apply([events.BEGIN, doc, ["gpu0"], 20, True, 64, None, t])
+        conn.apply(events.begin_event(record(rid), ["gpu0"], 20, True, 64, None, t))
         conn.apply([events.FIRST_BYTE, rid, 200, t + 0.01])
         conn.apply([events.TOKENS, rid, 5, t + 0.02])
     conn.apply([events.END, "done", 200, events.usage_doc(Usage(20, 5, "server")), "ok", {}, 0.05])
@@ -195,3 +194,23 @@ def test_a_gone_worker_closes_its_open_requests_once_as_proxy_restart() -> None:
     assert finals["open"].outcome == PROXY_RESTART and finals["open"].status == 200
     assert finals["open"].duration_s == pytest.approx(0.05)  # ended when the worker was gone
     assert sum(r.energy_j for r in node.finals) > 0
+
+
+def test_a_begin_event_opens_the_record_the_worker_began() -> None:
+    rec = RequestRecord(
+        "r",
+        "alice",
+        "team-a",
+        "llm",
+        "m",
+        "text-generation",
+        0,
+        "2026-12-03T16:00:00.000Z",
+        end_user="eu-1",
+        key_id="k1",
+        extra={"client_request_id": "c", "route_reason": "least_carbon", "worker": 1},
+    )
+    event = events.decode(events.encode([events.begin_event(rec, None, 12, True, 64, 2, 3.5)]))
+    back = events.record_of_begin(event[0])
+    assert back == rec
+    assert event[0][11:] == [None, 12, True, 64, 2, 3.5]

@@ -6,7 +6,8 @@ Times are ``time.monotonic()`` seconds, one clock for every process of the machi
 the batching delayed it by.
 
     ["h", pid, index]                                         a worker is serving
-    ["b", record, devices, prompt_est, stream, max_tokens, images, t]    a request starts
+    ["b", request_id, user, team, upstream, model, task, started_at, end_user, key_id,
+     extra, devices, prompt_est, stream, max_tokens, images, t]        a request starts
     ["f", request_id, status, t]                              its first byte from upstream
     ["t", request_id, tokens, t]                              tokens streamed (summed per batch)
     ["e", request_id, status, usage, outcome, extra, t]       it ended
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from proxy.records import RequestRecord
 from proxy.usage.base import Usage, parse_json
 
 try:  # optional, as elsewhere: several times faster
@@ -68,6 +70,56 @@ def decode(line: bytes) -> list[Event]:
     if not isinstance(events, list):
         raise ValueError("an event batch is a JSON array")
     return events
+
+
+def begin_event(
+    record: RequestRecord,
+    devices: list[str] | None,
+    prompt_est: int | None,
+    stream: bool,
+    max_tokens: int | None,
+    images: int | None,
+    t_s: float,
+) -> Event:
+    """What is known of a request as it starts: its record's first fields, flat."""
+    r = record
+    return [
+        BEGIN,
+        r.request_id,
+        r.user,
+        r.team,
+        r.upstream,
+        r.model,
+        r.task,
+        r.started_at,
+        r.end_user,
+        r.key_id,
+        r.extra,
+        devices,
+        prompt_est,
+        stream,
+        max_tokens,
+        images,
+        t_s,
+    ]
+
+
+def record_of_begin(event: Event) -> RequestRecord:
+    """The record a begin event opens (status 0 until the answer's head)."""
+    _, rid, user, team, upstream, model, task, started_at, end_user, key_id, extra = event[:11]
+    return RequestRecord(
+        rid,
+        user,
+        team,
+        upstream,
+        model,
+        task,
+        0,
+        started_at,
+        end_user=end_user,
+        key_id=key_id,
+        extra=extra,
+    )
 
 
 def usage_doc(usage: Usage) -> dict[str, Any]:

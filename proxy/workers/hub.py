@@ -107,8 +107,8 @@ class WorkerEvents:
             if req is not None:
                 acc.tokens(req, event[2], now=event[3])
         elif kind == events.BEGIN:
-            _, doc, devices, prompt_est, stream, max_tokens, images, t = event
-            record = RequestRecord.from_dict(doc)
+            devices, prompt_est, stream, max_tokens, images, t = event[11:]
+            record = events.record_of_begin(event)
             self.open[record.request_id] = acc.begin(
                 record, devices, prompt_est, stream, max_tokens, images, now=t
             )

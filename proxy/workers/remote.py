@@ -158,16 +158,7 @@ class RemoteAccountant:
         req = OpenRequest(record, shape, tuple(wanted or ()), now)
         self.requests[record.request_id] = req
         self.channel.send(
-            [
-                events.BEGIN,
-                record.to_dict(),
-                wanted,
-                prompt_tokens_est,
-                stream,
-                max_tokens,
-                images,
-                now,
-            ]
+            events.begin_event(record, wanted, prompt_tokens_est, stream, max_tokens, images, now)
         )
         if self.want_final:
             self.channel.send([events.WANT, record.request_id, events.WANT_FINAL])
