@@ -1,7 +1,7 @@
 """wattproxy in front of OpenAI-compatible servers, over real loopback HTTP.
 
 The upstreams here replay the exact bytes of vLLM, llama.cpp server and transformers serve
-(tests/helpers/openai_replays.py), so byte equality can be asserted.
+(older, 5.24 and 5.25; tests/helpers/openai_replays.py), so byte equality can be asserted.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from tests.helpers.openai_replays import (
     LLAMACPP,
     NON_STREAM,
     TRANSFORMERS,
+    TRANSFORMERS_5_24,
+    TRANSFORMERS_5_25,
+    TRANSFORMERS_5_25_USAGE,
     VLLM_CLIENT_VIEW,
     VLLM_WITH_USAGE,
 )
@@ -64,6 +67,8 @@ class Scripted:
             "vllm": VLLM_WITH_USAGE if asked else VLLM_CLIENT_VIEW,
             "llamacpp": LLAMACPP,
             "transformers": TRANSFORMERS,
+            "transformers 5.24": TRANSFORMERS_5_24,
+            "transformers 5.25": TRANSFORMERS_5_25_USAGE if asked else TRANSFORMERS_5_25,
         }[self.flavor]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
@@ -94,6 +99,10 @@ async def scripted_server(aiohttp_server: Any, flavor: str = "vllm", delay_s: fl
         ("vllm", True, VLLM_WITH_USAGE, 7, 3, "server"),
         ("llamacpp", False, LLAMACPP, 7, 3, "server"),
         ("transformers", False, TRANSFORMERS, 4, 3, "estimate"),  # 13 bytes / 4
+        ("transformers 5.24", False, TRANSFORMERS_5_24, 10, 6, "server"),
+        # the usage chunk the proxy asked for taken out; six tokens in four text events
+        ("transformers 5.25", False, TRANSFORMERS_5_25, 10, 6, "server"),
+        ("transformers 5.25", True, TRANSFORMERS_5_25_USAGE, 10, 6, "server"),
     ],
 )
 async def test_stream_bytes_and_usage(
