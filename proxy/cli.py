@@ -16,7 +16,7 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.config import ENV_PREFIX, Config, config_warnings, file_problems, load_config
-from proxy.errors import ConfigError, LedgerError
+from proxy.errors import ConfigError, LedgerError, WorkerError
 
 EXIT_CONFIG = 2
 DEFAULT_CONFIG = "config.yaml"
@@ -113,6 +113,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"wattproxy: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {e.strerror or e}",
             file=sys.stderr,
         )
+        return 1
+    except WorkerError as e:
+        print(f"wattproxy: listen.workers: {e}", file=sys.stderr)
         return 1
 
 

@@ -4,6 +4,7 @@ outcome a request that ends with it is recorded with.
     WattproxyError
     ├── ConfigError              config file or env invalid (listed with key paths)
     ├── LedgerError              the ledger backend failed (records go to the spool)
+    ├── WorkerError              worker processes could not start serving
     └── ProxyError               answered to the client as {"error": {...}}
         │                        status  type                    outcome
         ├── BadRequest           400     invalid_request_error   bad_request
@@ -43,6 +44,10 @@ class ConfigError(WattproxyError):
 
 class LedgerError(WattproxyError):
     """A ledger backend could not read or write."""
+
+
+class WorkerError(WattproxyError):
+    """Worker processes (``listen.workers``) could not start serving."""
 
 
 class ProxyError(WattproxyError):

@@ -25,7 +25,14 @@ from proxy.ledger.sqlite import SQLiteLedger
 from proxy.records import RequestRecord
 from proxy.standins import StandIn
 from tests.conftest import url_of
-from tests.helpers.serve import ServedProcess, base_config, free_port, serve_process
+from tests.helpers.serve import (
+    ROOT,
+    WATTPROXY,
+    ServedProcess,
+    base_config,
+    free_port,
+    serve_process,
+)
 from tests.helpers.through_proxy import CHAT, final_record
 
 pytestmark = pytest.mark.timeout(120)
@@ -323,3 +330,31 @@ def _alive(pid: int) -> bool:
     except (OSError, StopIteration):
         return False
     return "Z" not in state.split()[1]
+
+
+async def test_a_worker_that_cannot_serve_is_a_clear_error_not_a_restart_loop(
+    upstream: TestServer, tmp_path: Path
+) -> None:
+    """A certificate the workers cannot load (the file is there, its content is not PEM):
+    serve exits 1 at once, naming the worker and why, with no traceback."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    doc = workers_config(url_of(upstream), tmp_path)
+    doc["listen"]["tls"] = {"cert_file": str(bad), "key_file": str(bad)}
+    path = tmp_path / "wattproxy.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = await asyncio.create_subprocess_exec(
+        *WATTPROXY,
+        "serve",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 1, text
+    assert "listen.workers: worker" in text and "before serving" in text
+    assert "cannot serve" in text
+    assert "Traceback" not in text

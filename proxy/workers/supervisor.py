@@ -34,6 +34,7 @@ from aiohttp import web
 
 from proxy.app import PARTS, Parts, add_accounting_routes, build_parts, lifecycle
 from proxy.config import Config
+from proxy.errors import WorkerError
 from proxy.metrics import metrics_handler
 from proxy.middleware import error_middleware
 from proxy.protocol import ProxyRunner, handler_args
@@ -144,6 +145,8 @@ class Supervisor:
         self._keepers: list[asyncio.Task[None]] = []
         self._figures: asyncio.Task[None] | None = None
         self._serving: dict[int, asyncio.Event] = {}
+        self._startup_failed = asyncio.Event()
+        self._startup_error: str | None = None
         self._reload_lock = asyncio.Lock()
         self._log_level = cfg.log.level
 
@@ -199,13 +202,21 @@ class Supervisor:
                     self._keep(slot), name=f"wattproxy:worker-{slot.index}"
                 )
             )
-        try:
-            async with asyncio.timeout(STARTUP_TIMEOUT_S):
-                await asyncio.gather(*(e.wait() for e in self._serving.values()))
-        except TimeoutError:
-            raise RuntimeError(
-                f"the workers did not start serving within {STARTUP_TIMEOUT_S:g} s (see above)"
-            ) from None
+        loop = asyncio.get_running_loop()
+        serving = loop.create_task(self._all_serving())
+        failed = loop.create_task(self._startup_failed.wait())
+        done, _ = await asyncio.wait(
+            {serving, failed}, timeout=STARTUP_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in (serving, failed):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if serving not in done:
+            why = self._startup_error or (
+                f"the workers did not start serving within {STARTUP_TIMEOUT_S:g} s"
+            )
+            raise WorkerError(f"{why} (see the log above)")
         log.info(
             "wattproxy listening on %s:%s%s with %d workers (accounting process %d)",
             cfg.listen.host,
@@ -214,6 +225,10 @@ class Supervisor:
             self.count,
             os.getpid(),
         )
+
+    async def _all_serving(self) -> None:
+        for event in self._serving.values():
+            await event.wait()
 
     def _config_file(self) -> str:
         if self.config_path is not None:
@@ -268,6 +283,10 @@ class Supervisor:
             slot.pid = proc.pid
             rc = await proc.wait()
             if self.stopping:
+                return
+            if not self._serving[slot.index].is_set():  # never served: starting again won't help
+                self._startup_error = f"worker {slot.index} exited with {rc} before serving"
+                self._startup_failed.set()
                 return
             slot.restarts += 1
             self.parts.metrics.worker_restarts.inc()

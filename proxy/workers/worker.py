@@ -31,6 +31,7 @@ from estimators.carbon import CarbonClock, CarbonConfig, build_provider
 from proxy.app import build_estimator
 from proxy.background import Background
 from proxy.config import Config, load_config
+from proxy.errors import WattproxyError
 from proxy.forward import Forwarder
 from proxy.health import healthz
 from proxy.middleware import error_middleware
@@ -197,14 +198,19 @@ async def run_worker(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)  # before serving: never the default (exit)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.listen.host, port, ssl_context=ssl_context(cfg), reuse_port=True)
-    await site.start()
-    channel.send([events.HELLO, os.getpid(), index])
-    channel.flush()
-    parent = loop.create_task(listen_back(reader, parts))  # ends: the accounting process is gone
-    parent.add_done_callback(lambda _: stop.set())
+    parent: asyncio.Task[None] | None = None
     try:
+        await runner.setup()
+        site = web.TCPSite(
+            runner, cfg.listen.host, port, ssl_context=ssl_context(cfg), reuse_port=True
+        )
+        await site.start()
+        channel.send([events.HELLO, os.getpid(), index])
+        channel.flush()
+        parent = loop.create_task(
+            listen_back(reader, parts)
+        )  # ends: the accounting process is gone
+        parent.add_done_callback(lambda _: stop.set())
         await stop.wait()
     finally:
         for task in reloads:
@@ -212,13 +218,19 @@ async def run_worker(
         await runner.cleanup()  # in-flight requests finish (up to the grace), then lifecycle
         await channel.drain()  # their ends go out last
         deadline = loop.time() + FINALS_WAIT_S
-        while parts.tracing.open_spans and not parent.done() and loop.time() < deadline:
+        while (
+            parts.tracing.open_spans
+            and parent is not None
+            and not parent.done()
+            and loop.time() < deadline
+        ):
             await asyncio.sleep(0.05)  # the final records of their spans come back
         await channel.close()
         await link.close()
-        parent.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await parent
+        if parent is not None:
+            parent.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await parent
         await asyncio.to_thread(parts.tracing.close)  # export the last spans
 
 
@@ -259,11 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     coro = run_worker(cfg, args.reload_path, args.ipc, args.http, args.port, args.index)
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is optional
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is optional
+            asyncio.run(coro)
+        else:
+            uvloop.run(coro)
+    except (OSError, WattproxyError) as e:  # the accounting process says which worker failed
+        log.error("worker %d cannot serve: %s", args.index, e)
+        return 1
     return 0
 
 
