@@ -22,7 +22,7 @@ from aiohttp import web
 
 from proxy.app import PARTS, create_app
 from proxy.config import Config
-from proxy.metrics import metrics_handler
+from proxy.metrics import Metrics, metrics_handler
 from proxy.protocol import ProxyRunner, handler_args
 from proxy.reload import reload_file
 
@@ -43,6 +43,21 @@ def ssl_context(cfg: Config) -> ssl.SSLContext | None:
 
 def _port(runner: web.AppRunner) -> int:
     return int(runner.addresses[0][1])
+
+
+async def start_metrics_listener(cfg: Config, metrics: Metrics) -> web.AppRunner:
+    """``/metrics`` on its own listener (``listen.metrics_port``)."""
+    mapp = web.Application(handler_args=handler_args(cfg))
+
+    async def handler(request: web.Request) -> web.Response:
+        return await metrics_handler(request, metrics)
+
+    mapp.router.add_get("/metrics", handler)
+    runner = ProxyRunner(mapp, access_log=None, handle_signals=False)
+    await runner.setup()
+    host = cfg.listen.metrics_host or cfg.listen.host
+    await web.TCPSite(runner, host, cfg.listen.metrics_port).start()
+    return runner
 
 
 class Service:
@@ -82,17 +97,7 @@ class Service:
         site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, ssl_context=ssl_context(cfg))
         await site.start()
         if cfg.listen.metrics_port is not None:
-            parts = self.app[PARTS]
-            mapp = web.Application(handler_args=handler_args(cfg))
-
-            async def metrics(request: web.Request) -> web.Response:
-                return await metrics_handler(request, parts.metrics)
-
-            mapp.router.add_get("/metrics", metrics)
-            self._metrics_runner = ProxyRunner(mapp, access_log=None, handle_signals=False)
-            await self._metrics_runner.setup()
-            host = cfg.listen.metrics_host or cfg.listen.host
-            await web.TCPSite(self._metrics_runner, host, cfg.listen.metrics_port).start()
+            self._metrics_runner = await start_metrics_listener(cfg, self.app[PARTS].metrics)
         log.info(
             "wattproxy listening on %s:%s%s",
             cfg.listen.host,

@@ -358,3 +358,21 @@ async def test_a_worker_that_cannot_serve_is_a_clear_error_not_a_restart_loop(
     assert "listen.workers: worker" in text and "before serving" in text
     assert "cannot serve" in text
     assert "Traceback" not in text
+
+
+async def test_metrics_on_their_own_listener_with_workers(
+    upstream: TestServer, tmp_path: Path
+) -> None:
+    """``listen.metrics_port``: the accounting process serves /metrics there (every worker's
+    requests in it); on the main port the path is proxied like any other, as with one process."""
+    metrics_port = free_port()
+    doc = workers_config(url_of(upstream), tmp_path, listen={"metrics_port": metrics_port})
+    async with serve_workers(doc, tmp_path) as served:
+        results = await asyncio.gather(*(chat(served.base) for _ in range(6)))
+        for _, rid, _ in results:
+            await final_record(served.base, rid, 20.0)
+        text = await scrape(f"http://127.0.0.1:{metrics_port}")
+        assert sample_sum(text, "wattproxy_requests_total") == 6
+        async with aiohttp.ClientSession() as s, s.get(served.base + "/metrics") as r:
+            assert r.status == 404  # the stand-in upstream has no /metrics
+            assert r.headers["X-Wattproxy-Task"] == "other"  # it went through the proxy

@@ -35,10 +35,10 @@ from aiohttp import web
 from proxy.app import PARTS, Parts, add_accounting_routes, build_parts, lifecycle
 from proxy.config import Config
 from proxy.errors import WorkerError
-from proxy.metrics import metrics_handler
 from proxy.middleware import error_middleware
 from proxy.protocol import ProxyRunner, handler_args
 from proxy.reload import reload_file
+from proxy.server import start_metrics_listener
 from proxy.workers.hub import MAX_LINE_BYTES, Hub, LaggedReadings, budget_handler
 from proxy.workers.remote import BUDGET_PATH
 
@@ -180,17 +180,7 @@ class Supervisor:
         self._runner = runner
         await web.UnixSite(runner, self.http_path).start()
         if cfg.listen.metrics_port is not None:
-            parts = self.parts
-            mapp = web.Application(handler_args=handler_args(cfg))
-
-            async def metrics(request: web.Request) -> web.Response:
-                return await metrics_handler(request, parts.metrics)
-
-            mapp.router.add_get("/metrics", metrics)
-            self._metrics_runner = ProxyRunner(mapp, access_log=None, handle_signals=False)
-            await self._metrics_runner.setup()
-            host = cfg.listen.metrics_host or cfg.listen.host
-            await web.TCPSite(self._metrics_runner, host, cfg.listen.metrics_port).start()
+            self._metrics_runner = await start_metrics_listener(cfg, self.parts.metrics)
         self._worker_config = self._config_file()
         self._figures = asyncio.get_running_loop().create_task(
             self.hub.send_figures(cfg.meter.interval_ms / 1000.0), name="wattproxy:figures"

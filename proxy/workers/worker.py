@@ -40,6 +40,7 @@ from proxy.records import RequestRecord
 from proxy.reload import reload_file
 from proxy.route_policy import RouteState, UpstreamGrids
 from proxy.runtime import Live, Runtime, build_runtime, load_counters, load_keys, model_tasks_of
+from proxy.server import raise_fd_limit, ssl_context
 from proxy.sessions import Sessions
 from proxy.tokens import TokenCounter
 from proxy.tracing import NullTracing, build_tracing
@@ -165,8 +166,6 @@ async def run_worker(
     cfg: Config, config_path: str | None, ipc_path: str, http_path: str, port: int, index: int
 ) -> None:
     """Serve until SIGTERM/SIGINT or until the accounting process is gone."""
-    from proxy.server import ssl_context
-
     reader, writer = await asyncio.open_unix_connection(ipc_path, limit=MAX_LINE_BYTES)
     channel = EventChannel(writer)
     link = AccountingLink(http_path)
@@ -266,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s",
         stream=sys.stderr,
     )
-    from proxy.server import raise_fd_limit
-
     raise_fd_limit()
     coro = run_worker(cfg, args.reload_path, args.ipc, args.http, args.port, args.index)
     try:
