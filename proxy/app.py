@@ -170,7 +170,13 @@ def build_parts(
     )
     carbon = _carbon_clock(cfg.carbon, metrics, env)
     # one for the process's life: a reload reconfigures it, holds of requests in flight stay
-    budgets = Budgets(cfg.budgets, ledger, estimator=estimator, g_per_j=carbon.g_per_j)
+    # priced where each request's upstream draws its power (the accountant, made below)
+    budgets = Budgets(
+        cfg.budgets,
+        ledger,
+        estimator=estimator,
+        g_per_j=lambda upstream: accountant.upstream_g_per_j(upstream),
+    )
     writer = LedgerWriter(
         ledger,
         metrics,

@@ -192,7 +192,8 @@ class Budgets:
         read_timeout_s: seconds a ledger read or reservation may take on the request path
             (default: ``budgets.ledger_timeout_s``).
         estimator: expected joules of a request's plan (none: requests reserve 0 g).
-        g_per_j: grams CO2e per joule now (grid intensity and PUE).
+        g_per_j: grams CO2e per joule now where an upstream (named) draws its power: its own
+            grid when it has one (``upstreams[].carbon``), else the ``carbon:`` section's.
     """
 
     def __init__(
@@ -202,7 +203,7 @@ class Budgets:
         clock: Callable[[], datetime] = utcnow,
         read_timeout_s: float | None = None,
         estimator: Estimator | None = None,
-        g_per_j: Callable[[], float] = lambda: 0.0,
+        g_per_j: Callable[[str], float] = lambda upstream: 0.0,
     ) -> None:
         self.cfg = cfg
         self.ledger = ledger
@@ -238,10 +239,11 @@ class Budgets:
             self._unwritten.clear()
 
     def expected_g(self, shape: RequestShape) -> float:
-        """Grams CO2e a request is expected to cost, from its plan and the grid now."""
+        """Grams CO2e a request is expected to cost, from its plan and its upstream's grid now
+        (what its record will be charged at)."""
         if self.estimator is None:
             return 0.0
-        return self.estimator.estimate(shape).energy_j * self.g_per_j()
+        return self.estimator.estimate(shape).energy_j * self.g_per_j(shape.upstream)
 
     def reserved_g(self, scope: str, key: str) -> float:
         """Grams this process holds for a user's or team's requests in flight."""

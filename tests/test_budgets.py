@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from estimators.estimator import Estimator, RequestShape
 from proxy.budgets import RESERVED_RETRY_S, Budgets, limits_of, period_of
-from proxy.config import BudgetsConfig
+from proxy.config import BudgetsConfig, Config
 from proxy.errors import BudgetExceeded, LedgerError
 from proxy.identity import Identity
 from proxy.ledger.base import AggregateRow, Ledger
@@ -29,6 +29,7 @@ from tests.conftest import ProxyFactory, proxy_config, url_of
 from tests.helpers.budget_burst import (
     CHAT_16,
     G_PER_J,
+    INTENSITY_G_PER_KWH,
     MAX_TOKENS,
     Gate,
     budget_config,
@@ -428,6 +429,34 @@ async def test_reservations_are_held_while_requests_are_in_flight(
     assert seen == [pytest.approx(10 * E_G)]
 
 
+async def test_a_reservation_is_priced_at_its_upstreams_own_grid(
+    make_proxy: ProxyFactory, gated: tuple[TestServer, Gate], tmp_path: Path
+) -> None:
+    """An upstream with its own grid (``upstreams[].carbon``, a tenth of the section's
+    intensity) is charged a tenth of the grams: its requests reserve a tenth too, so ten fit
+    in a budget of 0.95 section-priced requests (at the section's price only one would)."""
+    upstream, gate = gated
+    cfg = budget_config(url_of(upstream), tmp_path, 0.95 * E_G)
+    own = {"intensity_g_per_kwh": INTENSITY_G_PER_KWH / 10}
+    cfg = cfg.model_copy(
+        update={"upstreams": [cfg.upstreams[0].model_copy(update={"carbon": own})]}
+    )
+    cfg = Config.model_validate(cfg.model_dump())
+    server, parts = await make_proxy(cfg)
+    assert parts.budgets is not None
+    budgets_ = parts.budgets
+    seen: list[float] = []
+
+    async def before_open() -> None:
+        seen.append(budgets_.reserved_g("user", "carol"))
+
+    statuses = await burst([url_of(server)], 12, gate, before_open=before_open)
+    assert statuses.count(200) == 10  # 9 reserved at a tenth < 0.95 admits the tenth
+    assert seen == [pytest.approx(E_G)]
+    await settle(parts)
+    assert await used_today(parts.ledger, "carol") == pytest.approx(E_G)  # what was charged
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 async def test_every_reservation_is_released_failures_before_the_upstream_too(
     make_proxy: ProxyFactory,
@@ -485,7 +514,7 @@ def reserving(ledger: Ledger, now: datetime = NOON, **cfg: Any) -> Budgets:
         ledger,
         clock=lambda: now,
         estimator=Estimator(),
-        g_per_j=lambda: G_PER_J,
+        g_per_j=lambda upstream: G_PER_J,
     )
 
 
@@ -539,7 +568,7 @@ async def test_reservations_expire_after_their_ttl(ledger: Counting) -> None:
         ledger,
         clock=lambda: clock[0],
         estimator=Estimator(),
-        g_per_j=lambda: G_PER_J,
+        g_per_j=lambda upstream: G_PER_J,
     )
     await b.check(CAROL, "lost", SHAPE)  # never finalized: its process crashed, say
     with pytest.raises(BudgetExceeded):
@@ -572,7 +601,7 @@ def on_redis(ledger: Ledger, ttl_s: float = 600.0, **cfg: Any) -> Budgets:
         BudgetsConfig.model_validate({"cache_s": 0, "reservation_ttl_s": ttl_s, **cfg}),
         ledger,
         estimator=Estimator(),
-        g_per_j=lambda: G_PER_J,
+        g_per_j=lambda upstream: G_PER_J,
     )
 
 
