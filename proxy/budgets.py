@@ -372,6 +372,15 @@ class Budgets:
                 task.add_done_callback(self._releasing.discard)
             raise
 
+    def abandon(self, request_id: str) -> None:
+        """An admitted request that will have no record (a worker's client left between its
+        admission and its start): its hold is released, in the shared ledger too."""
+        hold = self.holds.release(request_id)
+        if hold is not None and self.ledger.shared_reservations:
+            task = asyncio.ensure_future(self._release_shared(request_id, hold.owners))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
     async def _release_shared(self, request_id: str, owners: Iterable[Owner]) -> None:
         for scope, key in owners:
             try:

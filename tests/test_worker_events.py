@@ -9,13 +9,17 @@ import asyncio
 import math
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from estimators.attribution import AttributionEngine, IdlePolicy, Weighting
-from estimators.estimator import Estimator
+from estimators.estimator import Estimator, RequestShape
 from estimators.meters import Reading
 from proxy.accounting import Accountant, OpenRequest
+from proxy.budgets import Budgets
+from proxy.config import BudgetsConfig
+from proxy.ledger.sqlite import SQLiteLedger
 from proxy.records import RequestRecord
 from proxy.usage.base import Usage
 from proxy.workers import events
@@ -214,3 +218,28 @@ def test_a_begin_event_opens_the_record_the_worker_began() -> None:
     back = events.record_of_begin(event[0])
     assert back == rec
     assert event[0][11:] == [None, 12, True, 64, 2, 3.5]
+
+
+async def test_a_budget_check_holds_and_an_abandoned_admission_releases(tmp_path: Path) -> None:
+    """A worker's budget check reserves the request's grams in the accounting process; when
+    its client leaves before the request starts (``["r", id]``) the hold goes, since no
+    record will release it."""
+    ledger = SQLiteLedger(str(tmp_path / "ledger.db"))
+    await ledger.open()
+    try:
+        budgets = Budgets(
+            BudgetsConfig.model_validate({"users": {"alice": {"grams_per_day": 10.0}}}),
+            ledger,
+            estimator=Estimator(),
+            g_per_j=lambda upstream: 1e-4,
+        )
+        node = Node()
+        conn = WorkerEvents(node.acc, _NoCounters(), node.clock, budgets=budgets)
+        shape = events.shape_doc(RequestShape("llm", "m", "text-generation", 20, 64))
+        conn.apply([events.BUDGET, 1, "alice", None, "r1", shape])
+        await asyncio.sleep(0.05)
+        assert budgets.reserved_g("user", "alice") > 0
+        conn.apply([events.ABANDON, "r1"])
+        assert budgets.reserved_g("user", "alice") == 0
+    finally:
+        await ledger.close()

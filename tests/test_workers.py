@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -25,6 +26,7 @@ from proxy.ledger.sqlite import SQLiteLedger
 from proxy.records import RequestRecord
 from proxy.standins import StandIn
 from tests.conftest import url_of
+from tests.helpers.budget_burst import Gate, budget_config, burst, gated_app, request_g
 from tests.helpers.serve import (
     ROOT,
     WATTPROXY,
@@ -376,3 +378,32 @@ async def test_metrics_on_their_own_listener_with_workers(
         async with aiohttp.ClientSession() as s, s.get(served.base + "/metrics") as r:
             assert r.status == 404  # the stand-in upstream has no /metrics
             assert r.headers["X-Wattproxy-Task"] == "other"  # it went through the proxy
+
+
+async def test_a_burst_over_two_workers_overshoots_a_budget_by_at_most_one_request(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Forty requests at once over both workers, each held at the upstream until all arrived:
+    the accounting process admits them against one set of reservations, as one process does
+    (at most one request's estimate past the budget); what they were charged is in the
+    ledger."""
+    gate = Gate()
+    up = await aiohttp_server(gated_app(StandIn(flavor="vllm", scale=0.0), gate))
+    budget_g = 2.5 * request_g()
+    doc = budget_config(url_of(up), tmp_path, budget_g).model_dump(mode="json")
+    doc["listen"] = {"host": "127.0.0.1", "port": free_port(), "workers": 2}
+    async with serve_workers(doc, tmp_path) as served:
+        statuses = await burst([served.base], 40, gate)
+        admitted = statuses.count(200)
+        assert admitted + statuses.count(429) == 40
+        assert 1 <= admitted <= 3  # 2.5 requests: the third may be the one overshoot
+        assert admitted == gate.arrived
+    used_g = sum_ledger_co2e(tmp_path / "ledger.db")
+    assert used_g == pytest.approx(admitted * request_g())
+    assert used_g <= budget_g + request_g() * (1 + 1e-9)
+
+
+def sum_ledger_co2e(path: Path) -> float:
+    """Grams CO2e of every record in the SQLite ledger (each record is a JSON document)."""
+    with sqlite3.connect(path) as db:
+        return sum(json.loads(doc)["co2e_g"] for (doc,) in db.execute("SELECT doc FROM records"))

@@ -13,6 +13,9 @@ the batching delayed it by.
     ["e", request_id, status, usage, outcome, extra, t]       it ended
     ["c", counter, labels]                                    a decision counted (routing...)
     ["w", request_id, wants]                                  it wants figures sent back
+    ["q", ask_id, user, team, request_id, shape]              a budget check (``shape``: None
+                                                              or the fields of its estimate)
+    ["r", request_id]                                         its admission is abandoned
 
 and back, from the accounting process to the worker that handled the request:
 
@@ -20,6 +23,8 @@ and back, from the accounting process to the worker that handled the request:
                                                   (energy in the answer: ``WANT_FIGURES``)
     ["F", record]                                 its final record (its span ends with it:
                                                   ``WANT_FINAL``, tracing)
+    ["a", ask_id, refusal]                        a budget check's answer: None (admitted,
+                                                  held) or the refusal's message and fields
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from estimators.estimator import RequestShape
 from proxy.records import RequestRecord
 from proxy.usage.base import Usage, parse_json
 
@@ -42,8 +48,11 @@ TOKENS = "t"
 END = "e"
 COUNT = "c"
 WANT = "w"
+BUDGET = "q"
+ABANDON = "r"
 FIGURES = "p"
 FINAL = "F"
+ANSWER = "a"
 
 #: What a request wants sent back (bits of ``["w", ...]``).
 WANT_FIGURES = 1
@@ -119,6 +128,24 @@ def record_of_begin(event: Event) -> RequestRecord:
         end_user=end_user,
         key_id=key_id,
         extra=extra,
+    )
+
+
+def shape_doc(shape: RequestShape) -> list[Any]:
+    """What a budget check estimates a request from."""
+    s = shape
+    return [s.upstream, s.model, s.task, s.prompt_tokens, s.completion_tokens, s.images]
+
+
+def shape_of(doc: list[Any]) -> RequestShape:
+    upstream, model, task, prompt_tokens, completion_tokens, images = doc
+    return RequestShape(
+        upstream,
+        model,
+        task,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        images=images,
     )
 
 

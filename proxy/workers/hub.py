@@ -17,8 +17,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-
 from estimators.meters import Reading
 from proxy.accounting import Accountant, OpenRequest
 from proxy.budgets import Budgets
@@ -29,7 +27,6 @@ from proxy.records import RequestRecord
 from proxy.usage.base import Usage
 from proxy.workers import events
 from proxy.workers.events import Event
-from proxy.workers.remote import budget_shape_of
 
 log = logging.getLogger("wattproxy.workers")
 
@@ -53,8 +50,11 @@ class WorkerEvents:
         counters: Counters,
         clock: Callable[[], float],
         writer: asyncio.StreamWriter | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.accountant = accountant
+        self.budgets = budgets
+        self._checks: set[asyncio.Task[None]] = set()
         self.counters = counters
         self.clock = clock
         self.writer = writer
@@ -129,11 +129,36 @@ class WorkerEvents:
                 self.figures_wanted.add(event[1])
             if event[2] & events.WANT_FINAL:
                 self.final_wanted.add(event[1])
+        elif kind == events.BUDGET:
+            task = asyncio.get_running_loop().create_task(self._check(event))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+        elif kind == events.ABANDON:
+            if self.budgets is not None:
+                self.budgets.abandon(event[1])
         elif kind == events.COUNT:
             if event[1] in events.COUNTERS:
                 getattr(self.counters, event[1])(*event[2])
         elif kind == events.HELLO:
             self.pid, self.index = event[1], event[2]
+
+    async def _check(self, event: Event) -> None:
+        """A worker's budget check, answered to it: None (admitted, its hold made) or the
+        refusal. Budgets fail open: with none here, or when the check itself fails."""
+        _, ask_id, user, team, rid, shape = event
+        refusal: dict[str, Any] | None = None
+        if self.budgets is not None:
+            try:
+                await self.budgets.check(
+                    Identity(user=user, team=team),
+                    rid,
+                    None if shape is None else events.shape_of(shape),
+                )
+            except BudgetExceeded as err:
+                refusal = {"message": err.message, "extra": err.extra}
+            except Exception as e:
+                log.error("budget check of worker %s failed (admitted): %r", self.pid, e)
+        self.send([events.ANSWER, ask_id, refusal])
 
     def close_all(self) -> int:
         """The worker is gone: its open requests end now, as ``proxy_restart``."""
@@ -155,6 +180,7 @@ class Hub:
         accountant: the process's accountant.
         counters: the metrics (routing decisions, budget rejections).
         on_hello: told a worker's pid and index once it serves.
+        budgets: the budgets the workers' checks are answered from (None: all admitted).
     """
 
     def __init__(
@@ -163,9 +189,11 @@ class Hub:
         counters: Counters,
         on_hello: Callable[[int, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        budgets: Budgets | None = None,
     ) -> None:
         self.accountant = accountant
         self.counters = counters
+        self.budgets = budgets
         self.on_hello = on_hello
         self.clock = clock
         self.connections: set[WorkerEvents] = set()
@@ -173,7 +201,7 @@ class Hub:
         self._readers: set[asyncio.Task[Any]] = set()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = WorkerEvents(self.accountant, self.counters, self.clock, writer)
+        conn = WorkerEvents(self.accountant, self.counters, self.clock, writer, self.budgets)
         self.connections.add(conn)
         task = asyncio.current_task()
         if task is not None:
@@ -266,25 +294,3 @@ class LaggedReadings:
     def flush(self) -> None:
         while self._pending:
             self.apply(self._pending.popleft())
-
-
-def budget_handler(budgets: Budgets) -> Callable[[web.Request], Any]:
-    """``POST /_wattproxy/budget`` on the accounting process's Unix socket: a worker's budget
-    check, answered 200 (admitted, and held) or 429 with the error's message and fields."""
-
-    async def check(request: web.Request) -> web.Response:
-        doc = await request.json()
-        who = doc["identity"]
-        identity = Identity(user=who["user"], team=who.get("team"))
-        shape = doc.get("shape")
-        try:
-            await budgets.check(
-                identity,
-                doc.get("request_id"),
-                None if shape is None else budget_shape_of(shape),
-            )
-        except BudgetExceeded as err:
-            return web.json_response({"message": err.message, "extra": err.extra}, status=429)
-        return web.json_response({"admitted": True})
-
-    return check

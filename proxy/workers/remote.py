@@ -34,7 +34,7 @@ log = logging.getLogger("wattproxy.worker")
 #: own times, so this delay moves no joule.
 FLUSH_S = 0.005
 #: The budget check's own deadline (the accounting process's ledger timeout is inside it).
-BUDGET_RPC_TIMEOUT_S = 15.0
+BUDGET_ASK_TIMEOUT_S = 15.0
 #: Base URL of the accounting process's HTTP server (on a Unix socket: the host is a name).
 ACCOUNTING_URL = "http://accounting"
 
@@ -247,8 +247,7 @@ class RemoteCounters:
 
 
 class AccountingLink:
-    """HTTP to the accounting process over its Unix socket: the budget check and the endpoints
-    a worker passes on."""
+    """HTTP to the accounting process over its Unix socket: the endpoints a worker passes on."""
 
     def __init__(self, http_path: str) -> None:
         self.session = aiohttp.ClientSession(
@@ -274,12 +273,15 @@ class AccountingLink:
 
 
 class RemoteBudgets:
-    """The budget check of a worker: asked of the accounting process, which holds the budgets,
-    their reservations and the ledger's figures for every worker."""
+    """The budget check of a worker: asked of the accounting process (on the event channel,
+    answered on the way back), which holds the budgets, their reservations and the ledger's
+    figures for every worker."""
 
-    def __init__(self, cfg: BudgetsConfig, link: AccountingLink) -> None:
+    def __init__(self, cfg: BudgetsConfig, channel: EventChannel) -> None:
         self.cfg = cfg
-        self.link = link
+        self.channel = channel
+        self._asked: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
+        self._next_id = 0
 
     @property
     def enabled(self) -> bool:
@@ -294,43 +296,30 @@ class RemoteBudgets:
         request_id: str | None = None,
         shape: RequestShape | None = None,
     ) -> None:
-        doc: dict[str, Any] = {
-            "identity": {"user": identity.user, "team": identity.team},
-            "request_id": request_id,
-            "shape": None if shape is None else budget_shape_doc(shape),
-        }
+        ask_id = self._next_id = self._next_id + 1
+        answer: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._asked[ask_id] = answer
+        shape_doc = None if shape is None else events.shape_doc(shape)
+        self.channel.send(
+            [events.BUDGET, ask_id, identity.user, identity.team, request_id, shape_doc]
+        )
+        self.channel.flush()  # a request waits on it: no batching delay
         try:
-            async with asyncio.timeout(BUDGET_RPC_TIMEOUT_S):
-                async with self.link.session.post(ACCOUNTING_URL + BUDGET_PATH, json=doc) as r:
-                    answer = await r.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            log.warning("budget check unanswered by the accounting process (%s): admitted", e)
+            async with asyncio.timeout(BUDGET_ASK_TIMEOUT_S):
+                refusal = await answer
+        except TimeoutError:
+            log.warning("budget check unanswered by the accounting process: admitted")
             return  # budgets fail open, as they do when the ledger does not answer
-        if r.status == 429:
-            raise BudgetExceeded(answer["message"], **answer.get("extra", {}))
+        except asyncio.CancelledError:
+            if request_id is not None:  # its client left: a hold made for it has no record
+                self.channel.send([events.ABANDON, request_id])
+            raise
+        finally:
+            self._asked.pop(ask_id, None)
+        if refusal is not None:
+            raise BudgetExceeded(refusal["message"], **refusal["extra"])
 
-
-#: The accounting process's budget check (its Unix socket only).
-BUDGET_PATH = "/_wattproxy/budget"
-
-
-def budget_shape_doc(shape: RequestShape) -> dict[str, Any]:
-    return {
-        "upstream": shape.upstream,
-        "model": shape.model,
-        "task": shape.task,
-        "prompt_tokens": shape.prompt_tokens,
-        "completion_tokens": shape.completion_tokens,
-        "images": shape.images,
-    }
-
-
-def budget_shape_of(doc: dict[str, Any]) -> RequestShape:
-    return RequestShape(
-        upstream=doc["upstream"],
-        model=doc.get("model"),
-        task=doc["task"],
-        prompt_tokens=doc.get("prompt_tokens"),
-        completion_tokens=doc.get("completion_tokens"),
-        images=doc.get("images"),
-    )
+    def answered(self, ask_id: int, refusal: dict[str, Any] | None) -> None:
+        answer = self._asked.get(ask_id)
+        if answer is not None and not answer.done():
+            answer.set_result(refusal)

@@ -39,8 +39,7 @@ from proxy.middleware import error_middleware
 from proxy.protocol import ProxyRunner, handler_args
 from proxy.reload import reload_file
 from proxy.server import start_metrics_listener
-from proxy.workers.hub import MAX_LINE_BYTES, Hub, LaggedReadings, budget_handler
-from proxy.workers.remote import BUDGET_PATH
+from proxy.workers.hub import MAX_LINE_BYTES, Hub, LaggedReadings
 
 log = logging.getLogger("wattproxy.workers")
 
@@ -82,16 +81,13 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def accounting_app(cfg: Config, parts: Parts) -> web.Application:
-    """The accounting process's HTTP app (on its Unix socket): what workers pass on, and the
-    budget check."""
+    """The accounting process's HTTP app (on its Unix socket): what workers pass on."""
     app = web.Application(
         handler_args=handler_args(cfg),
         middlewares=[error_middleware(lambda: parts.runtime.cfg.identity.trust_request_id)],
     )
     app[PARTS] = parts
     add_accounting_routes(app, cfg, parts)
-    if parts.budgets is not None:
-        app.router.add_post(BUDGET_PATH, budget_handler(parts.budgets))
     app.cleanup_ctx.append(lifecycle)
     return app
 
@@ -130,7 +126,12 @@ class Supervisor:
         self.count = workers
         self.parts = build_parts(cfg, **parts_kwargs)
         self.app = accounting_app(cfg, self.parts)
-        self.hub = Hub(self.parts.accountant, self.parts.metrics, on_hello=self._hello)
+        self.hub = Hub(
+            self.parts.accountant,
+            self.parts.metrics,
+            on_hello=self._hello,
+            budgets=self.parts.budgets,
+        )
         self.parts.final_hooks.append(self.hub.final)  # for the spans of the workers' requests
         # readings wait for the workers' events of their interval (``READING_LAG_S``)
         self.readings = LaggedReadings(self.parts.accountant.on_reading)

@@ -106,7 +106,7 @@ def build_worker_parts(
     base = _clock(cfg.carbon, environ)
     routes = RouteState(base, cfg.carbon, lambda c: _clock(c, environ))
     routes.ensure_clocks(cfg.upstreams)
-    budgets = RemoteBudgets(cfg.budgets, link)
+    budgets = RemoteBudgets(cfg.budgets, channel)
     counters = {u.name: TokenCounter(u.model_path) for u in cfg.upstreams if u.model_path}
     tasks = model_tasks_of(cfg)
     live = Live(build_runtime(cfg, load_keys(cfg), environ, budgets, {}, counters, tasks))
@@ -246,6 +246,8 @@ async def listen_back(reader: asyncio.StreamReader, parts: WorkerParts) -> None:
         for event in events.decode(line):
             if event[0] == events.FIGURES:
                 parts.accountant.on_figures(event[1], event[2], event[3], event[4])
+            elif event[0] == events.ANSWER:
+                parts.budgets.answered(event[1], event[2])
             elif event[0] == events.FINAL:
                 parts.tracing.finish(RequestRecord.from_dict(event[1]))
 
