@@ -436,12 +436,9 @@ async def test_a_reservation_is_priced_at_its_upstreams_own_grid(
     intensity) is charged a tenth of the grams: its requests reserve a tenth too, so ten fit
     in a budget of 0.95 section-priced requests (at the section's price only one would)."""
     upstream, gate = gated
-    cfg = budget_config(url_of(upstream), tmp_path, 0.95 * E_G)
-    own = {"intensity_g_per_kwh": INTENSITY_G_PER_KWH / 10}
-    cfg = cfg.model_copy(
-        update={"upstreams": [cfg.upstreams[0].model_copy(update={"carbon": own})]}
-    )
-    cfg = Config.model_validate(cfg.model_dump())
+    doc = budget_config(url_of(upstream), tmp_path, 0.95 * E_G).model_dump()
+    doc["upstreams"][0]["carbon"] = {"intensity_g_per_kwh": INTENSITY_G_PER_KWH / 10}
+    cfg = Config.model_validate(doc)
     server, parts = await make_proxy(cfg)
     assert parts.budgets is not None
     budgets_ = parts.budgets
