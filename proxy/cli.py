@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.config import ENV_PREFIX, Config, config_warnings, file_problems, load_config
+from proxy.config import (
+    ENV_PREFIX,
+    Config,
+    config_warnings,
+    file_problems,
+    load_config,
+    parse_workers,
+)
 from proxy.errors import ConfigError, LedgerError, WorkerError
 
 EXIT_CONFIG = 2
@@ -81,6 +88,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{cfg.ledger.url.split('://')[0]}"
     )
     return 0
+
+
+def _workers_arg(value: str) -> str:
+    try:
+        return str(parse_workers(value))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -207,6 +221,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--workers",
         default=None,
+        type=_workers_arg,
         help="worker processes accepting on the port, or auto (one per core); overrides "
         "listen.workers",
     )

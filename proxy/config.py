@@ -34,6 +34,18 @@ class TLSConfig(Section):
     key_file: str
 
 
+def parse_workers(value: Any) -> int | str:
+    """``listen.workers`` (or ``--workers``): a count >= 1, or ``auto``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    count = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and value.strip().isdigit():
+        count = int(value)
+    if count is None or count < 1:
+        raise ValueError(f"must be a count >= 1, or auto (got {value!r:.40})")
+    return count
+
+
 class ListenConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -49,12 +61,10 @@ class ListenConfig(Section):
     #: ``auto``: one per core this process may use. 1: a single process does everything.
     workers: int | Literal["auto"] = 1
 
-    @field_validator("workers")
+    @field_validator("workers", mode="before")
     @classmethod
-    def _workers(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be a count >= 1, or auto")
-        return v
+    def _workers(cls, v: Any) -> int | str:
+        return parse_workers(v)
 
 
 class TimeoutsConfig(Section):

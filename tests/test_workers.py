@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,8 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
+from proxy.config import parse_config
+from proxy.errors import ConfigError
 from proxy.ledger.sqlite import SQLiteLedger
 from proxy.records import RequestRecord
 from proxy.standins import StandIn
@@ -407,3 +410,34 @@ def sum_ledger_co2e(path: Path) -> float:
     """Grams CO2e of every record in the SQLite ledger (each record is a JSON document)."""
     with sqlite3.connect(path) as db:
         return sum(json.loads(doc)["co2e_g"] for (doc,) in db.execute("SELECT doc FROM records"))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1, 1), (8, 8), ("2", 2), ("auto", "auto"), (" Auto ", "auto")],
+)
+def test_listen_workers_takes_a_count_or_auto(value: Any, expected: Any) -> None:
+    assert parse_config({"listen": {"workers": value}}).listen.workers == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "x", "", None])
+def test_listen_workers_refuses_anything_else_naming_the_key(value: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"listen": {"workers": value}})
+    assert any("listen.workers: must be a count >= 1, or auto" in p for p in err.value.problems), (
+        err.value.problems
+    )
+
+
+def test_serve_workers_flag_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*WATTPROXY, "serve", "--workers", "many"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "argument --workers: must be a count >= 1, or auto (got 'many')" in done.stderr
+    assert "Traceback" not in done.stderr
