@@ -58,12 +58,12 @@ def sample(rps: float, accounting_us: float, workers_us: float) -> Sample:
 
 
 def test_summary_takes_medians_and_the_accounting_share_of_a_worker() -> None:
-    row = summarize([sample(1000, 100, 400), sample(1200, 140, 500), sample(900, 120, 450)])
+    row = summarize([sample(1000, 100, 400), sample(1200, 140, 500), sample(900, 120, 430)])
     assert row.rps == 1000
     assert row.accounting_us == 120
-    assert row.workers_us == 450
-    assert row.accounting_share == pytest.approx(120 / 450)
-    assert row.proxy_us == 570
+    assert row.workers_us == 430  # the median, not the mean (443)
+    assert row.accounting_share == pytest.approx(120 / 430)
+    assert row.proxy_us == 550
 
 
 def result(n2_sse_rps: float, n2_sse_accounting_us: float) -> WorkersResult:
