@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -208,6 +209,7 @@ class Supervisor:
                 f"the workers did not start serving within {STARTUP_TIMEOUT_S:g} s"
             )
             raise WorkerError(f"{why} (see the log above)")
+        gc.freeze()  # what startup built lives as long as the process: the collector skips it
         log.info(
             "wattproxy listening on %s:%s%s with %d workers (accounting process %d)",
             cfg.listen.host,

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -204,6 +205,7 @@ async def run_worker(
             runner, cfg.listen.host, port, ssl_context=ssl_context(cfg), reuse_port=True
         )
         await site.start()
+        gc.freeze()  # what startup built lives as long as the process: the collector skips it
         channel.send([events.HELLO, os.getpid(), index])
         channel.flush()
         parent = loop.create_task(
