@@ -149,11 +149,7 @@ def chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
     top_g = _nice_max(
         max((sum(t.values()) + embodied_of[d] for d, t in per_day.items()), default=0.0)
     )
-    plot_w = CHART_WIDTH_PX - MARGIN_LEFT_PX - MARGIN_RIGHT_PX
-    plot_h = CHART_HEIGHT_PX - MARGIN_TOP_PX - MARGIN_BOTTOM_PX
-    slot_w = plot_w / max(1, len(days))
-    bar_w = max(1.0, slot_w * 0.72)
-    base_y = MARGIN_TOP_PX + plot_h
+    plot_w, plot_h, slot_w, bar_w, base_y = _geometry(len(days))
     parts = [
         '<svg id="daily-chart" xmlns="http://www.w3.org/2000/svg" width="100%" '
         f'viewBox="0 0 {CHART_WIDTH_PX} {{height_px}}" role="img" '
@@ -185,14 +181,8 @@ def chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
                 f"<title>{day} embodied: {_e(fmt_g(embodied_g))} CO2e</title></rect>"
             )
         if i % label_every == 0:
-            parts.append(
-                f'<text x="{x + bar_w / 2:.1f}" y="{base_y + 16}" text-anchor="middle">'
-                f"{day[5:]}</text>"
-            )
-    parts.append(
-        f'<line x1="{MARGIN_LEFT_PX}" x2="{CHART_WIDTH_PX - MARGIN_RIGHT_PX}" y1="{base_y}" '
-        f'y2="{base_y}" stroke="#8a93a0"/>'
-    )
+            parts.append(_day_label(day, x + bar_w / 2, base_y))
+    parts.append(_baseline(base_y))
     if any(g > 0 for g in embodied_of.values()):
         colors = {**colors, EMBODIED_SERIES: EMBODIED_COLOR}
     if not colors:
@@ -208,10 +198,28 @@ def chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
     return "".join(parts)
 
 
+def _geometry(n_days: int) -> tuple[float, float, float, float, float]:
+    """A daily bar chart's plot width and height, slot and bar widths, and baseline y."""
+    plot_w = CHART_WIDTH_PX - MARGIN_LEFT_PX - MARGIN_RIGHT_PX
+    plot_h = CHART_HEIGHT_PX - MARGIN_TOP_PX - MARGIN_BOTTOM_PX
+    slot_w = plot_w / max(1, n_days)
+    return plot_w, plot_h, slot_w, max(1.0, slot_w * 0.72), MARGIN_TOP_PX + plot_h
+
+
+def _day_label(day: str, x: float, base_y: float) -> str:
+    return f'<text x="{x:.1f}" y="{base_y + 16}" text-anchor="middle">{day[5:]}</text>'
+
+
+def _baseline(base_y: float) -> str:
+    return (
+        f'<line x1="{MARGIN_LEFT_PX}" x2="{CHART_WIDTH_PX - MARGIN_RIGHT_PX}" y1="{base_y}" '
+        f'y2="{base_y}" stroke="#8a93a0"/>'
+    )
+
+
 def _grid(top: float, fmt: Callable[[float], str]) -> str:
     """A chart's horizontal grid lines, labelled from 0 to ``top``."""
-    plot_h = CHART_HEIGHT_PX - MARGIN_TOP_PX - MARGIN_BOTTOM_PX
-    base_y = MARGIN_TOP_PX + plot_h
+    _, plot_h, _, _, base_y = _geometry(1)
     parts = []
     for i in range(Y_TICKS + 1):
         y = base_y - plot_h * i / Y_TICKS
@@ -236,11 +244,7 @@ def water_chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
     if not any(v > 0 for v in litres_of.values()):
         return ""
     top_l = _nice_max(max(litres_of.values()))
-    plot_w = CHART_WIDTH_PX - MARGIN_LEFT_PX - MARGIN_RIGHT_PX
-    plot_h = CHART_HEIGHT_PX - MARGIN_TOP_PX - MARGIN_BOTTOM_PX
-    slot_w = plot_w / max(1, len(days))
-    bar_w = max(1.0, slot_w * 0.72)
-    base_y = MARGIN_TOP_PX + plot_h
+    _, plot_h, slot_w, bar_w, base_y = _geometry(len(days))
     parts = [
         '<svg id="water-chart" xmlns="http://www.w3.org/2000/svg" width="100%" '
         f'viewBox="0 0 {CHART_WIDTH_PX} {CHART_HEIGHT_PX}" role="img" '
@@ -260,14 +264,8 @@ def water_chart_svg(rows: Sequence[AggregateRow], start: str, end: str) -> str:
                 f"<title>{day}: {_e(fmt_num(litres))} L of water</title></rect>"
             )
         if i % label_every == 0:
-            parts.append(
-                f'<text x="{x + bar_w / 2:.1f}" y="{base_y + 16}" text-anchor="middle">'
-                f"{day[5:]}</text>"
-            )
-    parts.append(
-        f'<line x1="{MARGIN_LEFT_PX}" x2="{CHART_WIDTH_PX - MARGIN_RIGHT_PX}" y1="{base_y}" '
-        f'y2="{base_y}" stroke="#8a93a0"/></svg>'
-    )
+            parts.append(_day_label(day, x + bar_w / 2, base_y))
+    parts.append(_baseline(base_y) + "</svg>")
     return "".join(parts)
 
 
