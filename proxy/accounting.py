@@ -133,6 +133,10 @@ class Accounts(Protocol):
     @property
     def requests(self) -> Mapping[str, OpenRequest]: ...
 
+    def admit(self) -> None:
+        """Raise ``Overloaded`` when no more requests can be accounted for now."""
+        ...
+
     def begin(
         self,
         record: RequestRecord,
@@ -219,6 +223,9 @@ class Accountant:
         self._inflight: Counter[str] = Counter()
 
     # -- the request side -------------------------------------------------------------------
+
+    def admit(self) -> None:
+        pass  # in one process every request is accounted as it goes
 
     def begin(
         self,

@@ -60,6 +60,9 @@ class ListenConfig(Section):
     #: worker processes accepting on the port (SO_REUSEPORT) beside one accounting process;
     #: ``auto``: one per core this process may use. 1: a single process does everything.
     workers: int | Literal["auto"] = 1
+    #: with workers: a worker's events waiting for the accounting process past this many bytes
+    #: (it fell behind) make the worker answer new requests 503 until they are through
+    max_event_backlog_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ outcome a request that ends with it is recorded with.
         ├── PayloadTooLarge      413     invalid_request_error   payload_too_large
         ├── BudgetExceeded       429     carbon_budget_exceeded  budget_exceeded
         ├── NotSupported         501     invalid_request_error   not_supported
+        ├── Overloaded           503     overloaded_error        overloaded
         ├── UpstreamUnavailable  502     upstream_error          upstream_unavailable
         └── UpstreamTimeout      504     upstream_timeout        upstream_timeout
 
@@ -120,6 +121,16 @@ class NotSupported(ProxyError):
     status = 501
     type = "invalid_request_error"
     outcome = "not_supported"
+
+
+class Overloaded(ProxyError):
+    """The proxy cannot account for more now (a worker's events wait past
+    ``listen.max_event_backlog_bytes`` for the accounting process): refused before it is sent
+    upstream, rather than served unaccounted or held in memory without bound."""
+
+    status = 503
+    type = "overloaded_error"
+    outcome = "overloaded"
 
 
 class UpstreamUnavailable(ProxyError):

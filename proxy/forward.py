@@ -117,6 +117,7 @@ class Forwarder:
         task: str | None = None
         routed: str | None = None  # the upstream counted in flight, for routing
         try:  # the target was checked by the app's middleware (check_target)
+            self.accountant.admit()
             who = rt.identity.resolve(request.headers)
             upstream, plan, data, reason = await self._read_and_route(request, rt)
             deferred_s = None  # deferral off (the default): not even a coroutine made

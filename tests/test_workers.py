@@ -441,3 +441,50 @@ def test_serve_workers_flag_is_checked_before_anything_starts(tmp_path: Path) ->
     assert done.returncode == 2
     assert "argument --workers: must be a count >= 1, or auto (got 'many')" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_workers_answer_503_while_the_accounting_process_is_behind(
+    upstream: TestServer, tmp_path: Path
+) -> None:
+    """The accounting process stopped (SIGSTOP): the workers' events pile up; past
+    ``listen.max_event_backlog_bytes`` new requests get 503 ``overloaded_error`` instead of
+    being served unaccounted or held without bound. Once it runs again they are served, and
+    every request that was served is in the ledger."""
+    doc = workers_config(url_of(upstream), tmp_path, listen={"max_event_backlog_bytes": 65536})
+    served_ids: list[str] = []
+    refused: list[dict[str, Any]] = []
+    async with serve_workers(doc, tmp_path) as served, aiohttp.ClientSession() as s:
+
+        async def one() -> None:
+            async with s.post(served.base + "/v1/chat/completions", json=CHAT) as r:
+                body = await r.read()
+                if r.status == 200:
+                    served_ids.append(r.headers["X-Request-Id"])
+                else:
+                    assert r.status == 503, body
+                    refused.append(json.loads(body))
+
+        os.kill(served.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(200):  # about 600 requests fill the socket buffers and the backlog
+                await asyncio.gather(*(one() for _ in range(16)))
+                if refused:
+                    break
+        finally:
+            os.kill(served.proc.pid, signal.SIGCONT)
+        assert refused, f"no 503 after {len(served_ids)} requests"
+        error = refused[0]["error"]
+        assert error["type"] == "overloaded_error"
+        assert "listen.max_event_backlog_bytes" in error["message"]
+
+        async def served_again() -> bool:
+            before = len(served_ids)
+            refused.clear()
+            await one()
+            return len(served_ids) > before
+
+        await wait_until(served_again, "served again once the accounting process caught up")
+        last = served_ids[-1]
+        await final_record(served.base, last, 30.0)
+    assert served.proc.returncode == 0, served.output()
+    assert sorted(ledger_ids(tmp_path / "ledger.db")) == sorted(served_ids)

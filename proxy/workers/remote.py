@@ -19,7 +19,7 @@ from aiohttp import web
 from estimators.estimator import Estimator, RequestShape
 from proxy.accounting import OpenRequest
 from proxy.config import BudgetsConfig
-from proxy.errors import BudgetExceeded
+from proxy.errors import BudgetExceeded, Overloaded
 from proxy.headers import RESPONSE_DROP, filter_headers
 from proxy.identity import Identity
 from proxy.records import RequestRecord
@@ -44,9 +44,15 @@ class EventChannel:
     the first of a batch. A request's tokens are summed within a batch (one event per request
     per batch, placed where its first tokens came, so before its end)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, flush_s: float = FLUSH_S) -> None:
+    def __init__(
+        self,
+        writer: asyncio.StreamWriter,
+        flush_s: float = FLUSH_S,
+        max_backlog_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self._writer = writer
         self._flush_s = flush_s
+        self.max_backlog_bytes = max_backlog_bytes
         self._events: list[Event] = []
         self._tokens: dict[str, Event] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -55,6 +61,17 @@ class EventChannel:
     def send(self, event: Event) -> None:
         self._events.append(event)
         self._arm()
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes written and not yet taken by the accounting process's socket."""
+        transport = self._writer.transport
+        return 0 if transport.is_closing() else transport.get_write_buffer_size()
+
+    @property
+    def backlogged(self) -> bool:
+        """The accounting process is behind by more than ``max_backlog_bytes``."""
+        return self.backlog_bytes > self.max_backlog_bytes
 
     def tokens(self, request_id: str, count: int, t_s: float) -> None:
         pending = self._tokens.get(request_id)
@@ -163,6 +180,15 @@ class RemoteAccountant:
         if self.want_final:
             self.channel.send([events.WANT, record.request_id, events.WANT_FINAL])
         return req
+
+    def admit(self) -> None:
+        """Refuse a new request (503) while the accounting process is behind: before anything
+        is read, sent upstream or held for it."""
+        if self.channel.backlogged:
+            raise Overloaded(
+                "the proxy is behind on accounting for its requests; retry shortly "
+                "(listen.max_event_backlog_bytes)"
+            )
 
     def want_figures(self, req: OpenRequest) -> None:
         self.channel.send([events.WANT, req.record.request_id, events.WANT_FIGURES])

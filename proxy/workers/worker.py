@@ -168,7 +168,7 @@ async def run_worker(
 ) -> None:
     """Serve until SIGTERM/SIGINT or until the accounting process is gone."""
     reader, writer = await asyncio.open_unix_connection(ipc_path, limit=MAX_LINE_BYTES)
-    channel = EventChannel(writer)
+    channel = EventChannel(writer, max_backlog_bytes=cfg.listen.max_event_backlog_bytes)
     link = AccountingLink(http_path)
     parts = build_worker_parts(cfg, channel, link, os.environ, index)
     runner = ProxyRunner(
