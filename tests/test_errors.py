@@ -28,6 +28,7 @@ TREE = [
     (errors.PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
     (errors.BudgetExceeded, 429, "carbon_budget_exceeded", "budget_exceeded"),
     (errors.NotSupported, 501, "invalid_request_error", "not_supported"),
+    (errors.Overloaded, 503, "overloaded_error", "overloaded"),
     (errors.UpstreamUnavailable, 502, "upstream_error", "upstream_unavailable"),
     (errors.UpstreamTimeout, 504, "upstream_timeout", "upstream_timeout"),
 ]
