@@ -23,7 +23,14 @@ from proxy.ledger.sqlite import SQLiteLedger
 from proxy.records import RequestRecord
 from proxy.usage.base import Usage
 from proxy.workers import events
-from proxy.workers.hub import PROXY_RESTART, WorkerEvents
+from proxy.workers.hub import (
+    MAX_READING_LAG_S,
+    PROXY_RESTART,
+    READING_LAG_S,
+    LaggedReadings,
+    Lateness,
+    WorkerEvents,
+)
 from proxy.workers.remote import EventChannel, RemoteAccountant
 
 
@@ -243,3 +250,35 @@ async def test_a_budget_check_holds_and_an_abandoned_admission_releases(tmp_path
         assert budgets.reserved_g("user", "alice") == 0
     finally:
         await ledger.close()
+
+
+def test_readings_wait_longer_while_events_arrive_late() -> None:
+    """The lag is 0.1 s while events arrive on time, twice the recent worst lateness when they
+    arrive later (a loaded machine), never past 2 s; an old stall is forgotten."""
+    clock = Clock(100.0)
+    lateness = Lateness(clock)
+    assert lateness.reading_lag_s() == READING_LAG_S
+    lateness.saw(99.99)  # 10 ms late
+    assert lateness.reading_lag_s() == READING_LAG_S
+    lateness.saw(99.7)  # 300 ms late
+    assert lateness.reading_lag_s() == pytest.approx(0.6)
+    lateness.saw(90.0)  # a 10 s stall
+    assert lateness.reading_lag_s() == MAX_READING_LAG_S
+    for _ in range(20_000):
+        lateness.saw(clock.t)  # on time again
+    assert lateness.reading_lag_s() == READING_LAG_S
+
+
+async def test_lagged_readings_apply_in_order_once_due() -> None:
+    applied: list[float] = []
+    lags = iter([0.05, 0.0, 0.0])
+    readings = LaggedReadings(lambda r: applied.append(r.timestamp_s), lambda: next(lags))
+    for t in (1.0, 2.0, 3.0):
+        readings(Reading(t, {"gpu0": t}, {}))
+    await asyncio.sleep(0.01)
+    assert applied == []  # the first is not due: the later ones wait behind it
+    await asyncio.sleep(0.08)
+    assert applied == [1.0, 2.0, 3.0]
+    readings.immediate = True
+    readings(Reading(4.0, {"gpu0": 4.0}, {}))
+    assert applied == [1.0, 2.0, 3.0, 4.0]

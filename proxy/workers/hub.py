@@ -30,15 +30,39 @@ from proxy.workers.events import Event
 
 log = logging.getLogger("wattproxy.workers")
 
-#: Seconds a meter reading waits before the engine splits it: by then every worker's events
-#: up to the reading's time have arrived (they go out every 5 ms, stamped with their own
-#: times), so no request is missing from the interval it ran in. A worker stalled for longer
-#: has its requests' share of that interval go to the others (still conserved).
+#: Seconds a meter reading waits, at least, before the engine splits it: by then every
+#: worker's events up to the reading's time have arrived (they go out every 5 ms, stamped with
+#: their own times), so no request is missing from the interval it ran in. Under load the wait
+#: grows with how late events arrive (``LATENESS_MARGIN`` times the recent worst), up to
+#: ``MAX_READING_LAG_S``; a worker stalled for longer has its requests' share of that interval
+#: go to the others (still conserved).
 READING_LAG_S = 0.1
+MAX_READING_LAG_S = 2.0
+LATENESS_MARGIN = 2.0
+#: Per event seen, the recent worst lateness decays by this factor (forgetting an old stall).
+LATENESS_DECAY = 0.999
 #: How a request is closed when its worker is gone.
 PROXY_RESTART = "proxy_restart"
 #: The longest event batch line read (a worker's 5 ms of events; far below it in practice).
 MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+class Lateness:
+    """How late the workers' events arrive (applied here after their own time): the recent
+    worst, which sets how long a meter reading waits for them."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.worst_s = 0.0
+
+    def saw(self, t_s: float) -> None:
+        late_s = self.clock() - t_s
+        decayed = self.worst_s * LATENESS_DECAY
+        self.worst_s = late_s if late_s > decayed else decayed
+
+    def reading_lag_s(self) -> float:
+        lag_s = LATENESS_MARGIN * self.worst_s
+        return READING_LAG_S if lag_s < READING_LAG_S else min(lag_s, MAX_READING_LAG_S)
 
 
 class WorkerEvents:
@@ -51,9 +75,11 @@ class WorkerEvents:
         clock: Callable[[], float],
         writer: asyncio.StreamWriter | None = None,
         budgets: Budgets | None = None,
+        lateness: Lateness | None = None,
     ) -> None:
         self.accountant = accountant
         self.budgets = budgets
+        self.lateness = lateness if lateness is not None else Lateness(clock)
         self._checks: set[asyncio.Task[None]] = set()
         self.counters = counters
         self.clock = clock
@@ -108,6 +134,7 @@ class WorkerEvents:
                 acc.tokens(req, event[2], now=event[3])
         elif kind == events.BEGIN:
             devices, prompt_est, stream, max_tokens, images, t = event[11:]
+            self.lateness.saw(t)
             record = events.record_of_begin(event)
             self.open[record.request_id] = acc.begin(
                 record, devices, prompt_est, stream, max_tokens, images, now=t
@@ -119,6 +146,7 @@ class WorkerEvents:
                 acc.first_byte(req, now=event[3])
         elif kind == events.END:
             _, rid, status, usage, outcome, extra, t = event
+            self.lateness.saw(t)
             req = self.open.pop(rid, None)
             self.figures_wanted.discard(rid)
             if req is not None:
@@ -196,12 +224,15 @@ class Hub:
         self.budgets = budgets
         self.on_hello = on_hello
         self.clock = clock
+        self.lateness = Lateness(clock)
         self.connections: set[WorkerEvents] = set()
         self.restarted = 0  # requests closed as proxy_restart
         self._readers: set[asyncio.Task[Any]] = set()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = WorkerEvents(self.accountant, self.counters, self.clock, writer, self.budgets)
+        conn = WorkerEvents(
+            self.accountant, self.counters, self.clock, writer, self.budgets, self.lateness
+        )
         self.connections.add(conn)
         task = asyncio.current_task()
         if task is not None:
@@ -269,28 +300,38 @@ class Hub:
 
 
 class LaggedReadings:
-    """The sampler's callback in the accounting process: each reading is applied
-    ``READING_LAG_S`` after it was read (in order). ``immediate``: at shutdown, once every
-    worker's last events are in, readings apply at once (the last one covers the last ends)."""
+    """The sampler's callback in the accounting process: each reading is applied, in order,
+    once it has waited ``lag_s()`` (``Lateness.reading_lag_s``: 0.1 s, more while events
+    arrive later). ``immediate``: at shutdown, once every worker's last events are in,
+    readings apply at once (the last one covers the last ends)."""
 
-    def __init__(self, apply: Callable[[Reading], None], lag_s: float = READING_LAG_S) -> None:
+    def __init__(
+        self,
+        apply: Callable[[Reading], None],
+        lag_s: Callable[[], float] = lambda: READING_LAG_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.apply = apply
         self.lag_s = lag_s
+        self.clock = clock
         self.immediate = False
-        self._pending: deque[Reading] = deque()
+        self._pending: deque[tuple[float, Reading]] = deque()
 
     def __call__(self, reading: Reading) -> None:
         if self.immediate:
             self.flush()
             self.apply(reading)
             return
-        self._pending.append(reading)
-        asyncio.get_running_loop().call_later(self.lag_s, self._next)
+        lag_s = self.lag_s()
+        self._pending.append((self.clock() + lag_s, reading))
+        asyncio.get_running_loop().call_later(lag_s, self._due)
 
-    def _next(self) -> None:
-        if self._pending:
-            self.apply(self._pending.popleft())
+    def _due(self) -> None:
+        now = self.clock()
+        pending = self._pending
+        while pending and pending[0][0] <= now:
+            self.apply(pending.popleft()[1])
 
     def flush(self) -> None:
         while self._pending:
-            self.apply(self._pending.popleft())
+            self.apply(self._pending.popleft()[1])

@@ -134,8 +134,10 @@ class Supervisor:
             budgets=self.parts.budgets,
         )
         self.parts.final_hooks.append(self.hub.final)  # for the spans of the workers' requests
-        # readings wait for the workers' events of their interval (``READING_LAG_S``)
-        self.readings = LaggedReadings(self.parts.accountant.on_reading)
+        # readings wait for the workers' events of their interval (``READING_LAG_S`` or more)
+        self.readings = LaggedReadings(
+            self.parts.accountant.on_reading, self.hub.lateness.reading_lag_s
+        )
         self.parts.sampler.on_reading = self.readings
         self.slots = [Slot(i) for i in range(workers)]
         self.stopping = False
