@@ -27,6 +27,7 @@ from proxy.errors import (
     BadRequest,
     BudgetExceeded,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
@@ -75,6 +76,8 @@ class Counters(Protocol):
 
     def budget_rejection(self, scope: str) -> None: ...
 
+    def overload_refusal(self) -> None: ...
+
 
 class Forwarder:
     """The catch-all route's handler.
@@ -117,7 +120,11 @@ class Forwarder:
         task: str | None = None
         routed: str | None = None  # the upstream counted in flight, for routing
         try:  # the target was checked by the app's middleware (check_target)
-            self.accountant.admit()
+            try:
+                self.accountant.admit()
+            except Overloaded:
+                self.counters.overload_refusal()
+                raise
             who = rt.identity.resolve(request.headers)
             upstream, plan, data, reason = await self._read_and_route(request, rt)
             deferred_s = None  # deferral off (the default): not even a coroutine made

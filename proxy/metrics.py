@@ -259,6 +259,12 @@ class Metrics:
             ("upstream", "reason"),
             registry=r,
         )
+        self.overload_refusals = Counter(
+            "wattproxy_overloaded_requests",
+            "Requests refused 503 overloaded_error (listen.workers > 1): a worker's events waited "
+            "past listen.max_event_backlog_bytes for the accounting process.",
+            registry=r,
+        )
         self.budget_rejections = Counter(
             "wattproxy_budget_rejections",
             "Requests refused for an exhausted carbon budget.",
@@ -331,6 +337,9 @@ class Metrics:
 
     def budget_rejection(self, scope: str) -> None:
         self.budget_rejections.labels(scope).inc()
+
+    def overload_refusal(self) -> None:
+        self.overload_refusals.inc()
 
     # -- observers: the accountant hands records and readings here, the sink final records ----
 

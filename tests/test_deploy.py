@@ -76,6 +76,7 @@ EXTRA_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "wattproxy_unattributed_embodied_co2e_grams_total": ("counter", ("device",)),
     "wattproxy_water_litres_total": ("counter", ("upstream", "model", "task")),
     "wattproxy_worker_restarts_total": ("counter", ()),
+    "wattproxy_overloaded_requests_total": ("counter", ()),
 }
 
 #: Labels Prometheus adds to every scraped series.

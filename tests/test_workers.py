@@ -453,6 +453,7 @@ async def test_workers_answer_503_while_the_accounting_process_is_behind(
     doc = workers_config(url_of(upstream), tmp_path, listen={"max_event_backlog_bytes": 65536})
     served_ids: list[str] = []
     refused: list[dict[str, Any]] = []
+    refusals = 0
     async with serve_workers(doc, tmp_path) as served, aiohttp.ClientSession() as s:
 
         async def one() -> None:
@@ -463,6 +464,8 @@ async def test_workers_answer_503_while_the_accounting_process_is_behind(
                 else:
                     assert r.status == 503, body
                     refused.append(json.loads(body))
+                    nonlocal refusals
+                    refusals += 1
 
         os.kill(served.proc.pid, signal.SIGSTOP)
         try:
@@ -486,5 +489,12 @@ async def test_workers_answer_503_while_the_accounting_process_is_behind(
         await wait_until(served_again, "served again once the accounting process caught up")
         last = served_ids[-1]
         await final_record(served.base, last, 30.0)
+        # each refusal counted once, by the accounting process, once it caught up
+
+        async def counted() -> bool:
+            total = await metric(served.base, "wattproxy_overloaded_requests_total")
+            return total == refusals
+
+        await wait_until(counted, "the refusals counted")
     assert served.proc.returncode == 0, served.output()
     assert sorted(ledger_ids(tmp_path / "ledger.db")) == sorted(served_ids)

@@ -59,7 +59,7 @@ WANT_FIGURES = 1
 WANT_FINAL = 2
 
 #: The counters a worker may increment in the accounting process (``Counters``' methods).
-COUNTERS = frozenset(("route_decision", "budget_rejection"))
+COUNTERS = frozenset(("route_decision", "budget_rejection", "overload_refusal"))
 
 Event = list[Any]
 

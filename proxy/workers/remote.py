@@ -271,6 +271,9 @@ class RemoteCounters:
     def budget_rejection(self, scope: str) -> None:
         self.channel.send([events.COUNT, "budget_rejection", [scope]])
 
+    def overload_refusal(self) -> None:
+        self.channel.send([events.COUNT, "overload_refusal", []])
+
 
 class AccountingLink:
     """HTTP to the accounting process over its Unix socket: the endpoints a worker passes on."""
