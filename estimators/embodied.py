@@ -15,12 +15,11 @@ Pure: no clock, no I/O beyond reading the shipped table ``devices.csv``.
 
 from __future__ import annotations
 
-import csv
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 
+from estimators.shipped import shipped_rows
 from estimators.units import J_PER_KWH
 
 SECONDS_PER_YEAR = 365.25 * 24 * 3600.0
@@ -43,8 +42,6 @@ class TableEntry:
 @functools.cache
 def device_table() -> dict[str, TableEntry]:
     """The shipped table of embodied figures by device model (upper-cased), with sources."""
-    text = resources.files("estimators").joinpath("devices.csv").read_text("utf-8")
-    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     return {
         row["model"].upper(): TableEntry(
             embodied_kg_co2e=float(row["embodied_kg_co2e"]),
@@ -54,7 +51,7 @@ def device_table() -> dict[str, TableEntry]:
             url=row["url"],
             derivation=row["derivation"],
         )
-        for row in csv.DictReader(lines)
+        for row in shipped_rows("estimators", "devices.csv")
     }
 
 

@@ -6,11 +6,11 @@ docs/estimates.md (7.)."""
 
 from __future__ import annotations
 
-import csv
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
+
+from estimators.shipped import shipped_rows
 
 #: Litres per US gallon.
 L_PER_GAL = 3.785411784
@@ -46,8 +46,6 @@ class GridWater:
 @functools.cache
 def grid_water_table() -> dict[str, GridWater]:
     """The shipped table by zone (upper-cased)."""
-    text = resources.files("estimators.carbon").joinpath("grid_water.csv").read_text("utf-8")
-    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     return {
         row["zone"].upper(): GridWater(
             zone=row["zone"].upper(),
@@ -56,7 +54,7 @@ def grid_water_table() -> dict[str, GridWater]:
             coverage=float(row["coverage"]),
             source=row["source"],
         )
-        for row in csv.DictReader(lines)
+        for row in shipped_rows("estimators.carbon", "grid_water.csv")
     }
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import functools
-from importlib import resources
 
 from estimators.carbon.base import Intensity, IntensityProvider
 from estimators.errors import CarbonError
+from estimators.shipped import shipped_rows
 
 #: CodeCarbon's world average, used when a zone is unknown.
 WORLD_G_PER_KWH = 475.0
@@ -16,9 +15,7 @@ WORLD_G_PER_KWH = 475.0
 @functools.cache
 def _table() -> dict[str, tuple[float, str]]:
     rows: dict[str, tuple[float, str]] = {}
-    text = resources.files("estimators.carbon").joinpath("zones.csv").read_text("utf-8")
-    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
-    for row in csv.DictReader(lines):
+    for row in shipped_rows("estimators.carbon", "zones.csv"):
         rows[row["zone"].upper()] = (float(row["g_per_kwh"]), f"{row['source']} {row['year']}")
     return rows
 
