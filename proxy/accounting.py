@@ -122,6 +122,16 @@ class OpenRequest:
     t_last_token_s: float | None = None
     ended: bool = False
 
+    def mark_first_byte(self, now: float) -> None:
+        self.t_first_byte_s = now
+        self.record.ttfb_s = now - self.t_start_s
+
+    def provisional_record(self) -> RequestRecord:
+        """A copy of its record, for the figures so far (``final`` false)."""
+        rec = replace(self.record, extra=dict(self.record.extra))
+        rec.final = False
+        return rec
+
 
 class Accounts(Protocol):
     """What the request path needs of the accounting: the ``Accountant`` itself in a single
@@ -272,8 +282,7 @@ class Accountant:
         if req.t_first_byte_s is None:
             if now is None:
                 now = self.clock()
-            req.t_first_byte_s = now
-            req.record.ttfb_s = now - req.t_start_s
+            req.mark_first_byte(now)
             if req.devices:
                 self.engine.first_byte(req.record.request_id, now)
 
@@ -371,14 +380,13 @@ class Accountant:
         req = self.requests.get(request_id)
         if req is None:
             return None
-        rec = replace(req.record, extra=dict(req.record.extra))
+        rec = req.provisional_record()
         flight = self.engine.flight(request_id)
         if flight is not None:
             rec.energy_j = flight.energy_j
             rec.co2e_g = flight.co2e_g
             rec.embodied_co2e_g = flight.embodied_g
             rec.source = "measured" if flight.gaps == 0 else "estimated"
-        rec.final = False
         return rec
 
     # -- the meter side ---------------------------------------------------------------------

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -201,8 +200,7 @@ class RemoteAccountant:
         if req.t_first_byte_s is None:
             if now is None:
                 now = self.clock()
-            req.t_first_byte_s = now
-            req.record.ttfb_s = now - req.t_start_s
+            req.mark_first_byte(now)
             rec = req.record
             self.channel.send([events.FIRST_BYTE, rec.request_id, rec.status, now])
 
@@ -250,9 +248,8 @@ class RemoteAccountant:
         figures = self.figures.get(request_id)
         if req is None or figures is None:
             return None
-        rec = replace(req.record, extra=dict(req.record.extra))
+        rec = req.provisional_record()
         rec.energy_j, rec.co2e_g, rec.source = figures
-        rec.final = False
         return rec
 
     def upstream_g_per_j(self, upstream: str) -> float:

@@ -133,7 +133,8 @@ class Supervisor:
             on_hello=self._hello,
             budgets=self.parts.budgets,
         )
-        self.parts.final_hooks.append(self.hub.final)  # for the spans of the workers' requests
+        if cfg.tracing.enabled:  # the workers' spans end with their final records
+            self.parts.final_hooks.append(self.hub.final)
         # readings wait for the workers' events of their interval (``READING_LAG_S`` or more)
         self.readings = LaggedReadings(
             self.parts.accountant.on_reading, self.hub.lateness.reading_lag_s
